@@ -1,0 +1,115 @@
+"""Length-sorted, token-budget batches with out-of-memory back-off.
+
+`score_window` takes one window of encoded pairs, scores them longest first in batches whose padded
+size (rows x longest row) stays under the current `TokenBudget`, and returns the scores in the
+window's original order. On out-of-memory (and only that) it frees memory, halves the budget and
+re-plans from the same pair: no pair is lost, repeated or reordered. After a run of good batches the
+budget grows back, staying 15% under the smallest size that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .errors import PairTooLargeError
+
+GROW_AFTER = 8  # good batches in a row before the budget grows again
+GROW_FACTOR = 1.25
+HEADROOM = 0.85  # stay this fraction under the smallest budget that ran out of memory
+MIN_TOKENS = 16
+
+
+class TokenBudget:
+    """The padded-token budget for one device, with memory of what failed."""
+
+    def __init__(self, tokens: int, max_rows: int, device: str = "cpu",
+                 log: Callable[[str], None] | None = None):
+        self.tokens = max(MIN_TOKENS, int(tokens))
+        self.max_rows = max_rows
+        self.device = device
+        self.log = log or (lambda msg: None)
+        self.failed_at: int | None = None  # smallest padded size that ran out of memory
+        self.streak = 0
+        self.backoffs = 0
+        self._said = False
+
+    def take(self, lengths: Sequence[int], start: int) -> int:
+        """How many pairs from `start` (lengths sorted descending) form the next batch (at least 1)."""
+        width = lengths[start]
+        rows = max(1, min(self.max_rows, self.tokens // max(1, width), len(lengths) - start))
+        return rows
+
+    def on_oom(self, padded: int) -> None:
+        self.failed_at = padded if self.failed_at is None else min(self.failed_at, padded)
+        new = max(MIN_TOKENS, min(self.tokens, padded) // 2)
+        if not self._said:
+            self.log(f"{self.device}: out of memory at {padded} tokens; backing off to {new}")
+            self._said = True
+        self.tokens = new
+        self.streak = 0
+        self.backoffs += 1
+
+    def on_success(self) -> None:
+        self.streak += 1
+        if self.failed_at is None or self.streak < GROW_AFTER:
+            return
+        cap = int(self.failed_at * HEADROOM)
+        if self.tokens < cap:
+            self.tokens = min(cap, int(self.tokens * GROW_FACTOR) + 1)
+        self.streak = 0
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out-of-memory only: torch's OutOfMemoryError, never other RuntimeErrors."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def score_window(scorer, encoded: Sequence, budget: TokenBudget,
+                 on_batch: Callable[[int], None] | None = None, first_row: int = 1) -> np.ndarray:
+    """Scores for `encoded`, in its order. Raises PairTooLargeError if one pair cannot fit alone.
+
+    `first_row` is the 1-based input row of `encoded[0]`, for that error message.
+    """
+    n = len(encoded)
+    order = sorted(range(n), key=lambda i: -len(encoded[i].ids))
+    lengths = [len(encoded[i].ids) for i in order]
+    scores = np.empty(n, dtype=np.float32)
+    start = 0
+    while start < n:
+        rows = budget.take(lengths, start)
+        idx = order[start:start + rows]
+        try:
+            scores[idx] = scorer.forward([encoded[i] for i in idx])
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            del exc
+            free_memory(budget.device)
+            if rows == 1:
+                raise PairTooLargeError(_too_large(budget.device, first_row + idx[0], lengths[start])) from None
+            budget.on_oom(rows * lengths[start])
+            continue
+        budget.on_success()
+        start += rows
+        if on_batch:
+            on_batch(rows)
+    return scores
+
+
+def _too_large(device: str, row: int, tokens: int) -> str:
+    return (f"row {row} ({tokens} tokens) does not fit in memory on {device} even "
+            "alone; lower --max-length or use a smaller --dtype (bf16/fp16)")

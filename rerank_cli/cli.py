@@ -1,0 +1,166 @@
+"""The `rerank` command line: parse flags, call the library, translate errors once.
+
+Heavy modules (torch, transformers, pyarrow) are imported inside commands, so `rerank --help` is fast
+and works even when the heavy stack is broken. Every `RerankError` becomes `error: <one line>` on
+stderr with its exit status (2, or 130 for Ctrl-C); `RERANK_DEBUG=1` re-raises with the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .errors import ConfigError, Interrupted, RerankError
+
+app = typer.Typer(
+    name="rerank",
+    help="Score (query, passage) pairs with cross-encoder and LLM rerankers, on every device you have.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+IO = "Input and output"
+MODEL = "Model"
+RUN = "Devices and batching"
+RANK = "Ranking"
+
+
+def _batch_tokens(value: str | None) -> int | None:
+    if value is None or value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--batch-tokens must be a number or 'auto' (got {value!r})") from None
+
+
+@app.command()
+def score(
+    input: str = typer.Argument(..., help="Pair file (.jsonl, .parquet, .csv, .tsv; .gz ok), or - for stdin."),
+    output: str = typer.Option("-", "--output", "-o", help="Output file, or - for stdout (JSONL).",
+                               rich_help_panel=IO),
+    input_format: str | None = typer.Option(None, help="jsonl|parquet|csv|tsv (default: from extension).",
+                                               rich_help_panel=IO),
+    output_format: str | None = typer.Option(None, help="jsonl|parquet|csv|tsv|trec (default: from extension).",
+                                                rich_help_panel=IO),
+    query_col: str | None = typer.Option(None, help="Query column [query].", rich_help_panel=IO),
+    passage_col: str | None = typer.Option(None, help="Passage column [passage].", rich_help_panel=IO),
+    instruction_col: str | None = typer.Option(None, help="Per-row instruction column (LLM templates).",
+                                                  rich_help_panel=IO),
+    score_col: str | None = typer.Option(None, help="Name of the appended score column [score].",
+                                            rich_help_panel=IO),
+    on_bad_row: str | None = typer.Option(None, help="error (default) or skip bad rows into a rejects file.",
+                                             rich_help_panel=IO),
+    rejects: str | None = typer.Option(None, help="Rejects file [OUTPUT.rejects.jsonl].", rich_help_panel=IO),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.",
+                                   rich_help_panel=IO),
+    model: str | None = typer.Option(None, "--model", "-m", help="Local path or hub id.",
+                                        rich_help_panel=MODEL),
+    preset: str | None = typer.Option(None, help="A preset from configs/ (see `rerank presets`).",
+                                         rich_help_panel=MODEL),
+    config: str | None = typer.Option(None, help="A TOML file of settings (flags override it).",
+                                         rich_help_panel=MODEL),
+    kind: str | None = typer.Option(None, help="auto|cross-encoder|llm [auto: from the config].",
+                                       rich_help_panel=MODEL),
+    template: str | None = typer.Option(None, help="LLM prompt template: bge|qwen3 [bge].",
+                                           rich_help_panel=MODEL),
+    instruction: str | None = typer.Option(None, help="Instruction for templates that take one.",
+                                              rich_help_panel=MODEL),
+    max_length: int | None = typer.Option(None, help="Max tokens per pair [512].", rich_help_panel=MODEL),
+    normalize: bool | None = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Sigmoid of the raw score (p(yes) for LLMs).",
+                                             rich_help_panel=MODEL),
+    dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 [auto].", rich_help_panel=MODEL),
+    trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code", help="Allow model code.",
+                                                     rich_help_panel=MODEL),
+    device: str | None = typer.Option(None, help="One device: cpu, cuda, cuda:N.", rich_help_panel=RUN),
+    devices: str | None = typer.Option(None, help="Several devices: cuda:0,cuda:1 or cpu,cpu.",
+                                          rich_help_panel=RUN),
+    gpus_per_worker: int | None = typer.Option(None, help="GPUs per worker for big models [1].",
+                                                  rich_help_panel=RUN),
+    batch_tokens: str | None = typer.Option(None, help="Padded tokens per batch, or auto [auto].",
+                                               rich_help_panel=RUN),
+    batch_size: int | None = typer.Option(None, help="Max pairs per batch [256].", rich_help_panel=RUN),
+    sort_window: int | None = typer.Option(None, help="Pairs read and length-sorted at a time [4096].",
+                                              rich_help_panel=RUN),
+    shard_rows: int | None = typer.Option(None, help="Pairs per shard with several devices [2048].",
+                                             rich_help_panel=RUN),
+    work_dir: str | None = typer.Option(None, help="Shard folder for resume [hidden, beside the output].",
+                                           rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, score nothing.", rich_help_panel=RUN),
+    engine: str | None = typer.Option(None, help="local or ray [local].", rich_help_panel=RUN),
+    ray_address: str | None = typer.Option(None, help="Ray cluster address [$RAY_ADDRESS, else local].",
+                                              rich_help_panel=RUN),
+    ray_workers: int | None = typer.Option(None, help="Ray scoring actors [one per GPU].",
+                                              rich_help_panel=RUN),
+    output_dir: str | None = typer.Option(None, help="Ray: write a folder of part files instead.",
+                                             rich_help_panel=RUN),
+    top_k: int | None = typer.Option(None, help="Keep the K best passages per query, with a rank.",
+                                        rich_help_panel=RANK),
+    group_col: str | None = typer.Option(None, help="Query id column for --top-k [qid, else the query].",
+                                            rich_help_panel=RANK),
+    doc_col: str | None = typer.Option(None, help="Document id column for TREC output [pid].",
+                                          rich_help_panel=RANK),
+    run_tag: str | None = typer.Option(None, help="Tag column of TREC output [rerank].", rich_help_panel=RANK),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+) -> None:
+    """Score every (query, passage) pair of INPUT; write all input columns plus a score, in input order."""
+    flags = {k: v for k, v in locals().items() if k not in ("preset", "config", "device")}
+    flags["batch_tokens"] = _batch_tokens(batch_tokens)
+    if device and devices:
+        raise ConfigError("use --device or --devices, not both")
+    if device:
+        flags["devices"] = device
+    for name in ("overwrite", "dry_run", "quiet"):
+        flags[name] = flags[name] or None
+    from .config import build_config
+    from .pipeline import run
+    from .progress import Reporter
+
+    cfg = build_config(flags, preset, config)
+    reporter = Reporter(quiet=cfg.quiet)
+    summary = run(cfg, reporter)
+    if summary is not None and not cfg.dry_run:
+        reporter.info(summary.line())
+
+
+@app.command()
+def presets() -> None:
+    """List the presets in configs/ with their model and kind."""
+    from .config import list_presets, load_preset
+
+    for name in list_presets():
+        p = load_preset(name)
+        typer.echo(f"{name:28} {p.get('model', ''):40} {p.get('kind', 'auto')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn user errors into one line and an exit status."""
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail(Interrupted("interrupted"))
+    except KeyboardInterrupt:
+        _fail(Interrupted("interrupted; finished shards are kept for resume"))
+    except RerankError as exc:
+        _fail(exc)
+
+
+def _fail(exc: RerankError) -> None:
+    if os.environ.get("RERANK_DEBUG") == "1":
+        raise exc
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""One frozen `RunConfig` per run: defaults <- preset (configs/*.toml) <- --config file <- flags.
+
+This module owns the merge and the validation (every problem reported at once). It knows nothing of
+torch, files or models; it only says what the user asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+
+KINDS = ("auto", "cross-encoder", "llm")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+BAD_ROW_POLICIES = ("error", "skip")
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run does. Built by `build_config`, never mutated."""
+
+    input: str = "-"
+    output: str = "-"
+    input_format: str | None = None
+    output_format: str | None = None
+    query_col: str = "query"
+    passage_col: str = "passage"
+    instruction_col: str | None = None
+    score_col: str = "score"
+    model: str | None = None
+    kind: str = "auto"
+    template: str | None = None
+    instruction: str | None = None
+    max_length: int = 512
+    normalize: bool = False
+    dtype: str = "auto"
+    devices: tuple[str, ...] = ()
+    gpus_per_worker: int = 1
+    batch_tokens: int | None = None  # None: auto (probe cache or a safe estimate)
+    batch_size: int = 256
+    sort_window: int = 4096
+    on_bad_row: str = "error"
+    rejects: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    work_dir: str | None = None
+    shard_rows: int = 2048
+    dry_run: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    output_dir: str | None = None
+    top_k: int | None = None
+    group_col: str | None = None
+    doc_col: str = "pid"
+    run_tag: str = "rerank"
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def config_dir() -> Path:
+    """Where presets live: $RERANK_CONFIG_DIR, else the project's configs/ folder."""
+    env = os.environ.get("RERANK_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_presets() -> list[str]:
+    d = config_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = config_dir() / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(list_presets()) or "none"
+        raise ConfigError(f"unknown preset {name!r} (known: {known})")
+    return load_toml(path, "preset")
+
+
+def build_config(
+    flags: dict[str, Any], preset: str | None = None, config_file: str | None = None
+) -> RunConfig:
+    """Merge layers (later wins; a flag left as None does not override) and validate the result."""
+    layers: list[dict[str, Any]] = []
+    if preset:
+        layers.append(load_preset(preset))
+    if config_file:
+        layers.append(load_toml(Path(config_file), "config file"))
+    layers.append({k: v for k, v in flags.items() if v is not None})
+    merged: dict[str, Any] = {}
+    problems: list[str] = []
+    for layer in layers:
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if key not in FIELDS:
+                problems.append(f"unknown setting {key!r}")
+                continue
+            merged[key] = value
+    if isinstance(merged.get("devices"), (list, str)):
+        merged["devices"] = parse_devices(merged["devices"])
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cfg = RunConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def parse_devices(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(d.strip() for d in items if d.strip())
+
+
+def _choice(problems: list[str], name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Report every problem at once, each naming the fix."""
+    problems: list[str] = []
+    _choice(problems, "kind", cfg.kind, KINDS)
+    _choice(problems, "dtype", cfg.dtype, DTYPES)
+    _choice(problems, "on_bad_row", cfg.on_bad_row, BAD_ROW_POLICIES)
+    _choice(problems, "engine", cfg.engine, ENGINES)
+    for name in ("max_length", "batch_size", "sort_window", "shard_rows", "gpus_per_worker"):
+        if int(getattr(cfg, name)) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
+        problems.append("--batch-tokens must be a positive number or 'auto'")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        problems.append("--top-k must be at least 1")
+    if cfg.query_col == cfg.passage_col:
+        problems.append("--query-col and --passage-col must differ")
+    if problems:
+        raise ConfigError("; ".join(problems))

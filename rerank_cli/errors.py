@@ -1,0 +1,64 @@
+"""The typed errors a user can see.
+
+Everything the user can cause (bad input, a bad flag, a model that is not a reranker) is raised deep
+inside as one of these, and turned into a one-line message and exit status 2 in exactly one place
+(`cli.main`). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    """Base class: a problem the user can fix. `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(RerankError):
+    """A flag, preset or config file that cannot work (all problems are reported together)."""
+
+
+class InputError(RerankError):
+    """Bad input data. Names the file and the 1-based line (JSONL, CSV) or row (Parquet)."""
+
+    def __init__(self, path: str, message: str, line: int | None = None, row: int | None = None):
+        where = path
+        if line is not None:
+            where = f"{path}:{line}"
+        elif row is not None:
+            where = f"{path}: row {row}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.line, self.row, self.reason = path, line, row, message
+
+
+class OutputError(RerankError):
+    """The output cannot be written where asked (exists, is the input, unknown format)."""
+
+
+class ModelError(RerankError):
+    """The model cannot be loaded, or is not a reranker this tool knows how to run."""
+
+
+class DeviceError(RerankError):
+    """A device or precision the machine cannot provide."""
+
+
+class PairTooLargeError(RerankError):
+    """A single pair does not fit in device memory even alone."""
+
+
+class WorkerError(RerankError):
+    """A scoring worker failed in a way retries could not fix."""
+
+
+class Interrupted(RerankError):
+    """The user pressed Ctrl-C; finished work is kept for resume."""
+
+    exit_code = 130

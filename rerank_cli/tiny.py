@@ -1,0 +1,194 @@
+"""Build small random-weight rerankers and synthetic pair files, locally and deterministically.
+
+Tests, `make demo` and `make bench` use these instead of hub downloads: a BERT cross-encoder
+(`BertForSequenceClassification`, WordPiece tokenizer) and a Qwen2 yes/no LLM reranker
+(`Qwen2ForCausalLM`, byte-level BPE tokenizer trained with `tokenizers`, with "Yes"/"yes"/"no" single
+tokens, a bos token, and the Qwen3 chat markers as special tokens). Both load with `from_pretrained`
+in transformers 4 and 5, so FlagEmbedding and sentence-transformers accept them too.
+
+    python -m rerank_cli.tiny OUT_DIR [--size tiny|bench] [--pairs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SIZES = {
+    # name: (layers, hidden, heads, intermediate, vocabulary target)
+    "tiny": (2, 64, 4, 128, 1000),
+    "bench-ce": (6, 384, 6, 1536, 8000),  # ~13M parameters
+    "bench-llm": (6, 512, 8, 1408, 8000),  # ~26M parameters
+}
+SYLLABLES = "ka ri to an el mo su ne la vi or de ta pe lu fi sa go ru bi na co te mi po ha ze yu qu xo".split()
+ANSWER_WORDS = ["Yes", "yes", "no", "No", "Yes.", "no."]
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def lexicon(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct pseudo-words built from syllables (deterministic)."""
+    rng = random.Random(seed)
+    words: dict[str, None] = {}
+    while len(words) < n:
+        words["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4)))] = None
+    return list(words)
+
+
+def sentence(rng: random.Random, words: list[str], k: int) -> str:
+    # Zipf-like: common words are much more frequent, like text.
+    return " ".join(words[min(len(words) - 1, int(rng.paretovariate(1.1)) - 1)] for _ in range(k))
+
+
+def corpus(seed: int, n: int = 6000) -> list[str]:
+    rng = random.Random(seed)
+    words = lexicon(3000, seed)
+    lines = [sentence(rng, words, rng.randint(3, 30)) + rng.choice([".", "?", "!", ",", ""]) for _ in range(n)]
+    lines += [" ".join(rng.sample(words, 40)) for _ in range(200)]
+    return lines + ANSWER_WORDS * 200 + ["A: B: \n 0123456789 '\"()-:;<>/|"]
+
+
+def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """A BertForSequenceClassification (one label) with a WordPiece tokenizer, saved to `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    layers, hidden, heads, inter, vocab = SIZES["bench-ce" if size == "bench" else size]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.train_from_iterator(corpus(seed), trainers.WordPieceTrainer(
+        vocab_size=vocab, special_tokens=specials, show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                               cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True, model_max_length=512)
+    out = Path(path)
+    hf_tok.save_pretrained(out)
+    ordered = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in ordered), encoding="utf-8")
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=512,
+                     num_labels=1, pad_token_id=hf_tok.pad_token_id, initializer_range=0.2)
+    BertForSequenceClassification(cfg).eval().save_pretrained(out)
+    return out
+
+
+def build_llm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """A Qwen2ForCausalLM yes/no reranker with a byte-level BPE tokenizer, saved to `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    layers, hidden, heads, inter, vocab = SIZES["bench-llm" if size == "bench" else size]
+    specials = ["<|endoftext|>", "<|bos|>"] + CHAT_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(corpus(seed), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    for word in ("Yes", "yes", "no"):
+        assert len(tok.encode(word).ids) == 1, f"{word!r} must be a single token"
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=CHAT_SPECIALS, model_max_length=4096)
+    out = Path(path)
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=0.2,
+                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                      pad_token_id=hf_tok.pad_token_id, use_sliding_window=False)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(out)
+    return out
+
+
+def make_pairs(n: int, seed: int = 0, queries: int | None = None, long_every: int = 7) -> dict[str, list]:
+    """Columns qid, pid, query, passage, label: `n` pairs over `queries` topics, of varied length.
+
+    A passage is relevant (label 1) when it mentions its query's topic word; some passages run past
+    512 tokens and some queries past 3/4 of that, so truncation paths are exercised.
+    """
+    rng = random.Random(seed + 1)
+    words = lexicon(3000, seed)
+    nq = queries or max(1, n // 20)
+    topics = [words[rng.randrange(50, 3000)] for _ in range(nq)]
+    cols: dict[str, list] = {"qid": [], "pid": [], "query": [], "passage": [], "label": []}
+    for i in range(n):
+        q = i * nq // n
+        relevant = rng.random() < 0.3
+        length = rng.randint(500, 700) if i % long_every == 3 else rng.randint(5, 180)
+        body = sentence(rng, words, length)
+        passage = f"{topics[q]} {body}" if relevant else body
+        query = sentence(rng, words, rng.randint(1, 12)) + f" {topics[q]}?"
+        if i % 97 == 5:
+            query = sentence(rng, words, rng.randint(400, 450)) + f" {topics[q]}?"
+        cols["qid"].append(f"q{q}")
+        cols["pid"].append(f"p{i}")
+        cols["query"].append(query)
+        cols["passage"].append(passage)
+        cols["label"].append(int(relevant))
+    return cols
+
+
+def write_pairs(path: str | Path, n: int, seed: int = 0, queries: int | None = None) -> Path:
+    """Write `make_pairs` to .parquet, .jsonl or .csv (by extension)."""
+    import pyarrow as pa
+
+    table = pa.table(make_pairs(n, seed, queries))
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            for row in table.to_pylist():
+                fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_qrels(path: str | Path, pairs_path: str | Path) -> Path:
+    """TREC qrels (`qid 0 pid label`) for a pair file written by `write_pairs`."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(pairs_path, columns=["qid", "pid", "label"]).to_pydict()
+    with open(path, "w", encoding="utf-8") as fh:
+        for q, p, rel in zip(t["qid"], t["pid"], t["label"]):
+            fh.write(f"{q} 0 {p} {rel}\n")
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Build small local rerankers and pair files.")
+    ap.add_argument("out")
+    ap.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ce = build_cross_encoder(out / f"{a.size}-ce", a.size, a.seed)
+    llm = build_llm(out / f"{a.size}-llm", a.size, a.seed)
+    pairs = write_pairs(out / "pairs.parquet", a.pairs, a.seed)
+    qrels = write_qrels(out / "qrels.trec", pairs)
+    print(json.dumps({"cross_encoder": str(ce), "llm": str(llm), "pairs": str(pairs), "qrels": str(qrels)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built once per session, pair files, and a CLI runner.
+
+The whole suite runs offline (HF_HUB_OFFLINE=1) on CPU. Tests drive the real CLI, either in-process
+(`cli`) or as a subprocess (`rerank_proc`) when process behaviour matters (exit codes, stdin, signals).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    from rerank_cli.tiny import build_cross_encoder, build_llm
+
+    d = tmp_path_factory.mktemp("models")
+    build_cross_encoder(d / "ce")
+    build_llm(d / "llm")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ce_model(models_dir) -> str:
+    return str(models_dir / "ce")
+
+
+@pytest.fixture(scope="session")
+def llm_model(models_dir) -> str:
+    return str(models_dir / "llm")
+
+
+@pytest.fixture(scope="session")
+def pairs_parquet(tmp_path_factory) -> Path:
+    from rerank_cli.tiny import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", 120, seed=3)
+
+
+@pytest.fixture(scope="session")
+def pairs_jsonl(tmp_path_factory) -> Path:
+    from rerank_cli.tiny import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 120, seed=3)
+
+
+def run_rerank(*args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 240,
+               cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m rerank_cli ARGS` as a user would; returns the completed process (bytes)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rerank_cli", *args], input=input, capture_output=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def rerank_proc():
+    return run_rerank
