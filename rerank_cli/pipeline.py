@@ -85,6 +85,11 @@ def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     return run_inline(cfg, devices[0], reporter)
 
 
+def open_output(cfg: RunConfig):
+    """The sink every executor writes scored batches to, in input order (ranking may wrap it)."""
+    return open_writer(cfg.output, cfg.output_format)
+
+
 def columns_of(cfg: RunConfig) -> Columns:
     return Columns(cfg.query_col, cfg.passage_col, cfg.instruction_col, cfg.score_col)
 
@@ -162,7 +167,7 @@ def run_inline(cfg: RunConfig, device: str, reporter: Reporter) -> Summary:
     summary = Summary(devices=[device], dtype=reranker.precision.name, output=cfg.output)
     reporter.start(input_rows(cfg))
     row = 1
-    with open_writer(cfg.output, cfg.output_format) as writer, RejectSink(cfg) as rejects:
+    with open_output(cfg) as writer, RejectSink(cfg) as rejects:
         for chunk in chunks:
             rejects.add(chunk.rejects)
             q, p, inst = pair_columns(chunk, columns)
