@@ -201,6 +201,7 @@ def load_scorer(
     """Load tokenizer and weights once for `device`, at the dtype `choose_dtype` picks."""
     check_device(device)
     precision = choose_dtype(dtype, device)
+    quiet_transformers()
     config = load_config(model, trust_remote_code)
     kind = detect_kind(config, kind, model)
     tokenizer = _load_tokenizer(model, trust_remote_code)
@@ -208,6 +209,14 @@ def load_scorer(
     net = _load_weights(model, kind, precision, device, trust_remote_code, device_map)
     cls = CrossEncoderScorer if kind == CROSS else LLMScorer
     return cls(net, tokenizer, tmpl, device, precision, normalize)
+
+
+def quiet_transformers() -> None:
+    """Our progress and messages only: no per-load progress bars or advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _load_tokenizer(model: str, trust_remote_code: bool):

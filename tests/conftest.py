@@ -63,3 +63,20 @@ def run_rerank(*args: str, input: bytes | None = None, env: dict | None = None, 
 @pytest.fixture
 def rerank_proc():
     return run_rerank
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the real CLI entry point in-process: returns (exit code, stdout, stderr)."""
+    from rerank_cli.cli import main
+
+    def invoke(*args: str):
+        code = 0
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
