@@ -2,8 +2,9 @@
 
 - `cross-encoder`: FlagReranker's pair encoding (query truncated to 3/4 of max length, then the
   passage truncated `only_second`, special tokens from the tokenizer's own post-processor).
-- `bge`: FlagLLMReranker's prompt (bos, "A: {query}", "\\n", "B: {passage}", "\\n", prompt); the score
-  is the logit of the first token of "Yes" at the last position.
+- `bge`: FlagLLMReranker's prompt (bos unless it is the pad token, "A: {query}" capped at 3/4 of max
+  length, "\\n", "B: {passage}" cut so both fit max length + len(sep) + len(prompt), "\\n", prompt); the
+  score is the logit of the first token of "Yes" at the last position.
 - `qwen3`: the Qwen3-Reranker chat format with an instruction; the score is the yes/no log-odds
   (sigmoid of it is p(yes)).
 
@@ -99,7 +100,8 @@ class BgeTemplate:
         self.tok = backend(tokenizer)
         self.max_length = max_length
         self.query_max = max_length * 3 // 4
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+        self.bos = [bos] if bos is not None and bos != pad else []  # FlagLLMReranker's rule
         self.sep = _ids(self.tok, ["\n"])[0]
         self.default_prompt = prompt or BGE_PROMPT
         self.prompt_ids = _ids(self.tok, [self.default_prompt])[0]
@@ -112,7 +114,8 @@ class BgeTemplate:
         out = []
         for q, p, prompt in zip(qs, ps, prompts):
             first, second = self.bos + q, self.sep + p
-            second = truncate_second(first, second, self.max_length)
+            # FlagLLMReranker's budget counts the separator and prompt on top of max_length.
+            second = truncate_second(first, second, self.max_length + len(self.sep) + len(prompt))
             out.append(Encoded(first + second + self.sep + prompt))
         return out
 

@@ -25,6 +25,15 @@ SIZES = {
 SYLLABLES = "ka ri to an el mo su ne la vi or de ta pe lu fi sa go ru bi na co te mi po ha ze yu qu xo".split()
 ANSWER_WORDS = ["Yes", "yes", "no", "No", "Yes.", "no."]
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen2's own pre-tokenizer split: transformers 5 rebuilds a Qwen2 tokenizer with it whatever
+# tokenizer.json says, transformers 4 reads tokenizer.json as is; using it makes both agree.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Weight init std: large enough that scores spread (0.02 gives near-constant scores on random weights),
+# small enough for deeper bench models to stay numerically well-conditioned.
+INIT_RANGE = {"tiny": 0.2, "bench": 0.08}
 
 
 def lexicon(n: int, seed: int = 0) -> list[str]:
@@ -37,8 +46,8 @@ def lexicon(n: int, seed: int = 0) -> list[str]:
 
 
 def sentence(rng: random.Random, words: list[str], k: int) -> str:
-    # Zipf-like: common words are much more frequent, like text.
-    return " ".join(words[min(len(words) - 1, int(rng.paretovariate(1.1)) - 1)] for _ in range(k))
+    # Skewed like text: low-index words are much more frequent than the rest.
+    return " ".join(words[int(len(words) * rng.random() ** 3)] for _ in range(k))
 
 
 def corpus(seed: int, n: int = 6000) -> list[str]:
@@ -77,7 +86,7 @@ def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0) -> 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=512,
-                     num_labels=1, pad_token_id=hf_tok.pad_token_id, initializer_range=0.2)
+                     num_labels=1, pad_token_id=hf_tok.pad_token_id, initializer_range=INIT_RANGE[size[:5]])
     BertForSequenceClassification(cfg).eval().save_pretrained(out)
     return out
 
@@ -85,13 +94,17 @@ def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0) -> 
 def build_llm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """A Qwen2ForCausalLM yes/no reranker with a byte-level BPE tokenizer, saved to `path`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     layers, hidden, heads, inter, vocab = SIZES["bench-llm" if size == "bench" else size]
     specials = ["<|endoftext|>", "<|bos|>"] + CHAT_SPECIALS
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.train_from_iterator(corpus(seed), trainers.BpeTrainer(
@@ -104,14 +117,25 @@ def build_llm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         additional_special_tokens=CHAT_SPECIALS, model_max_length=4096)
     out = Path(path)
     hf_tok.save_pretrained(out)
+    _loadable_by_transformers_4(out / "tokenizer_config.json")
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                      max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=0.2,
+                      max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=INIT_RANGE[size[:5]],
                       bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
                       pad_token_id=hf_tok.pad_token_id, use_sliding_window=False)
     Qwen2ForCausalLM(cfg).eval().save_pretrained(out)
     return out
+
+
+def _loadable_by_transformers_4(config_path: Path) -> None:
+    """transformers 5 saves tokenizer_class "TokenizersBackend" and a list of extra special tokens;
+    transformers 4 (FlagEmbedding's) reads neither. Rewrite to the form both read."""
+    cfg = json.loads(config_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(cfg.get("extra_special_tokens"), list):
+        cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+    config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def make_pairs(n: int, seed: int = 0, queries: int | None = None, long_every: int = 7) -> dict[str, list]:

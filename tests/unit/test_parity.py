@@ -55,8 +55,9 @@ def _bge_reference_ids(tok, q, p, max_length=512):
     pi = tok(f"B: {p}", add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
     sep = tok("\n", add_special_tokens=False)["input_ids"]
     prompt = tok(BGE_PROMPT, add_special_tokens=False)["input_ids"]
-    first, second = [tok.bos_token_id] + qi, sep + pi
-    over = len(first) + len(second) - max_length
+    bos = [tok.bos_token_id] if tok.bos_token_id not in (None, tok.pad_token_id) else []
+    first, second = bos + qi, sep + pi
+    over = len(first) + len(second) - (max_length + len(sep) + len(prompt))
     if over > 0 and len(second) > over:
         second = second[:-over]
     return first + second + sep + prompt
