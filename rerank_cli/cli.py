@@ -163,11 +163,11 @@ def rank(
     flags = {**locals(), "overwrite": overwrite or None, "quiet": quiet or None}
     from .config import build_config
     from .progress import Reporter
-    from .ranking import rank_file
+    from .ranking import run_rank
 
     cfg = build_config(flags)
     reporter = Reporter(quiet=cfg.quiet)
-    summary = rank_file(cfg, log=reporter.info)
+    summary = run_rank(cfg, log=reporter.info)
     reporter.info(summary.line())
 
 

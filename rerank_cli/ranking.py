@@ -70,7 +70,7 @@ class RankSpec:
             hint = "name it with --group-col" if self.group else "pass --group-col (default: qid, else the query)"
             raise InputError(where, f"no column {group!r} to group by (columns: {', '.join(names)}); {hint}")
         if self.doc and self.doc not in names:
-            raise InputError(where, f"no column {self.doc!r} for the TREC document id "
+            raise InputError(where, f"no column {self.doc!r} for the document id "
                                     f"(columns: {', '.join(names)}); name it with --doc-col")
         if has_score and self.score not in names:
             raise InputError(where, f"no score column {self.score!r} (columns: {', '.join(names)}); "
@@ -112,7 +112,10 @@ class TopK:
         self.seen += batch.num_rows
 
     def _offer(self, group: Any, score: float, neg_seq: int, index: int) -> list | None:
-        """Push [score, -input position, row] if it belongs in the group's top K; else None."""
+        """Push [score, -input position, row] if it belongs in the group's top K; else None.
+
+        The heap's root is the group's worst kept row: the lowest score, the latest row among equals.
+        """
         heap = self.heaps.get(group)
         if heap is None:
             heap = self.heaps[group] = []
@@ -121,7 +124,7 @@ class TopK:
             heap.append(entry)
         elif len(heap) < self.spec.k:
             heapq.heappush(heap, entry)
-        elif (score, neg_seq) > (heap[0][0], heap[0][1]):
+        elif score > heap[0][0]:  # on a tie the newcomer, later in the input, loses: keep the heap
             heapq.heapreplace(heap, entry)
         else:
             return None
@@ -303,8 +306,19 @@ class RankSummary:
                 f"in {self.seconds:.2f} s")
 
 
-def rank_file(cfg, log: Callable[[str], None] = lambda _: None) -> RankSummary:
-    """`rerank rank`: rank an already scored file (cfg: input, output, top_k, columns, formats)."""
+def rank_file(input: str, output: str = "-", *, top_k: int | None = None, **options: Any) -> RankSummary:
+    """Rank an already scored file into `output` (Python API of `rerank rank`).
+
+    Options are `RunConfig` fields: score_col, group_col, query_col, doc_col, run_tag, input_format,
+    output_format, overwrite.
+    """
+    from .config import build_config
+
+    return run_rank(build_config({"input": input, "output": output, "top_k": top_k, **options}))
+
+
+def run_rank(cfg, log: Callable[[str], None] = lambda _: None) -> RankSummary:
+    """`rerank rank` for a validated config (input, output, top_k, columns, formats)."""
     from .readers import Columns, read_chunks
 
     started = time.perf_counter()
