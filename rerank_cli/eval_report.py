@@ -30,8 +30,7 @@ def summary_table(report: Report):
     from rich import box
     from rich.table import Table
 
-    title = f"{len(report.queries)} queries with relevant judgements in {report.qrels_name}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("metric")
     table.add_column("run", justify="right")
     run = report.mean(report.run)
@@ -54,7 +53,7 @@ def per_query_table(report: Report):
     from rich import box
     from rich.table import Table
 
-    table = Table(title="per query", box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("qid")
     for label in report.labels:
         table.add_column(label, justify="right")
@@ -82,8 +81,11 @@ def print_report(report: Report, per_query: bool = False, as_json: bool = False)
     console.print(f"run:      {report.run_name}", markup=False)
     if report.baseline_name:
         console.print(f"baseline: {report.baseline_name}", markup=False)
+    console.print(f"queries:  {len(report.queries)} with relevant judgements in {report.qrels_name}", markup=False)
     if per_query:
+        console.print()
         console.print(per_query_table(report))
+    console.print()
     console.print(summary_table(report))
     for note in report.notes:
         console.print(f"note: {note}", markup=False)

@@ -46,8 +46,8 @@ class RankSpec:
     score: str = "score"
     group: str | None = None
     query: str = "query"
-    doc: str | None = None  # required (for TREC output), or None
-    trec: bool = False
+    doc: str | None = None  # a document id column that must exist (TREC output, eval), or None
+    trec: bool = False  # keep only the query id, document id and score of each row: a run's fields
     source: str = "-"  # the file the rows come from, for error messages
 
     @classmethod

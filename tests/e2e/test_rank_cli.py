@@ -140,7 +140,7 @@ def test_eval_prints_a_table_with_the_input_order_baseline(capsys, scored):
     assert abs(diff - (data["metrics"]["run"]["nDCG@10"] - data["metrics"]["baseline"]["nDCG@10"])) < 1e-12
     code, out, _ = cli(capsys, "eval", str(scored / "scored.jsonl"), "--qrels", str(scored / "qrels.trec"),
                        "--per-query")
-    assert "per query" in out and "q0" in out
+    assert "queries:" in out and "\n q0 " in out and out.count("nDCG@10") == 2
 
 
 def test_user_errors_are_one_line_and_leave_no_output(capsys, scored, tmp_path):
