@@ -212,3 +212,25 @@ def test_rank_file_python_api_writes_a_trec_run(tmp_path):
     lines = [line.split() for line in (tmp_path / "all.run").read_text().splitlines()]
     assert [(f[0], int(f[3]), f[2]) for f in lines] == reference(rows, None)
     assert summary.kept == 30 and "ranked all of them" in summary.line()
+
+
+def test_memory_grows_with_groups_times_k_not_with_the_input():
+    import tracemalloc
+
+    def peak(batches: int) -> int:
+        rng = random.Random(5)
+        tracemalloc.start()
+        topk = None
+        for b in range(batches):  # generated on the fly: the input itself is never held
+            batch = table([{"qid": f"q{rng.randrange(20)}", "pid": f"p{b}-{i}", "score": rng.random(),
+                            "passage": "x" * 200} for i in range(500)])
+            topk = topk or TopK(RankSpec(k=3), batch.schema)
+            topk.add(batch)
+            del batch
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert topk.kept == 60
+        return size
+
+    small, large = peak(4), peak(40)  # 2,000 vs 20,000 rows
+    assert large < 1.3 * small, (small, large)
