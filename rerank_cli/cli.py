@@ -138,6 +138,67 @@ def presets() -> None:
         typer.echo(f"{name:28} {p.get('model', ''):40} {p.get('kind', 'auto')}")
 
 
+@app.command()
+def rank(
+    input: str = typer.Argument(..., help="Scored file (.jsonl, .parquet, .csv, .tsv; .gz ok), or - for stdin."),
+    output: str = typer.Option("-", "--output", "-o", help="Output file (.trec/.run for a TREC run), or - (JSONL).",
+                               rich_help_panel=IO),
+    top_k: int | None = typer.Option(None, help="Keep the K best rows per query (default: all).", rich_help_panel=RANK),
+    score_col: str | None = typer.Option(None, help="Score column to rank by (default: score).", rich_help_panel=RANK),
+    group_col: str | None = typer.Option(None, help="Query id column (default: qid, else the query).",
+                                            rich_help_panel=RANK),
+    query_col: str | None = typer.Option(None, help="Query column, the group when there is no qid (default: query).",
+                                            rich_help_panel=RANK),
+    doc_col: str | None = typer.Option(None, help="Document id column for TREC output (default: pid).",
+                                          rich_help_panel=RANK),
+    run_tag: str | None = typer.Option(None, help="Tag column of TREC output (default: rerank).", rich_help_panel=RANK),
+    input_format: str | None = typer.Option(None, help="jsonl|parquet|csv|tsv|arrow (default: from extension).",
+                                               rich_help_panel=IO),
+    output_format: str | None = typer.Option(None, help="jsonl|parquet|csv|tsv|arrow|trec (default: from extension).",
+                                                rich_help_panel=IO),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.",
+                                   rich_help_panel=IO),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+) -> None:
+    """Rank an already scored file: per query, best score first, a 1-based rank, the top K kept."""
+    flags = {**locals(), "overwrite": overwrite or None, "quiet": quiet or None}
+    from .config import build_config
+    from .progress import Reporter
+    from .ranking import run_rank
+
+    cfg = build_config(flags)
+    reporter = Reporter(quiet=cfg.quiet)
+    summary = run_rank(cfg, log=reporter.info)
+    reporter.info(summary.line())
+
+
+@app.command("eval")
+def eval_(
+    run: str = typer.Argument(..., help="A TREC run (.trec, .run) or a scored file (.jsonl, .parquet, .csv), or -."),
+    qrels: str = typer.Option(..., help="Judgements: TREC qrels (qid 0 docid rel) or a table with "
+                                        "qid, docid, relevance columns."),
+    baseline: str | None = typer.Option(None, help="A run to compare with (TREC or scored file)."),
+    baseline_input_order: bool = typer.Option(False, "--baseline-input-order",
+                                              help="Compare with RUN's input order (the first-stage ranking)."),
+    per_query: bool = typer.Option(False, "--per-query", help="Also show every query."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    score_col: str = typer.Option("score", help="Score column of a scored file."),
+    group_col: str | None = typer.Option(None, help="Query id column of a scored file (default: qid, else the query)."),
+    query_col: str = typer.Option("query", help="Query column, the group when there is no qid."),
+    doc_col: str = typer.Option("pid", help="Document id column of a scored file (and of table qrels)."),
+    input_format: str | None = typer.Option(None, help="RUN's format: trec|jsonl|parquet|csv|tsv|arrow."),
+) -> None:
+    """Evaluate a ranking against qrels: nDCG@10, MRR@10, MAP, Recall@10/100, beside a baseline."""
+    from .eval_report import print_report
+    from .evaluation import evaluate_files
+    from .runs import RunColumns
+
+    columns = RunColumns(score=score_col, group=group_col, doc=doc_col, query=query_col)
+    report = evaluate_files(run, qrels, baseline=baseline, baseline_input_order=baseline_input_order,
+                            columns=columns, run_format=input_format)
+    print_report(report, per_query=per_query, as_json=as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn user errors into one line and an exit status."""
     import click

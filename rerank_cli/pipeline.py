@@ -18,6 +18,7 @@ import pyarrow as pa
 from .config import RunConfig, build_config
 from .errors import ConfigError
 from .progress import Reporter
+from .ranking import check_ranking_columns, open_ranked_output, wants_ranking
 from .readers import Chunk, Columns, read_chunks
 from .writers import check_output_path, open_writer, write_rejects
 
@@ -87,6 +88,8 @@ def run(cfg: RunConfig, reporter: Reporter) -> Summary:
 
 def open_output(cfg: RunConfig):
     """The sink every executor writes scored batches to, in input order (ranking may wrap it)."""
+    if wants_ranking(cfg):
+        return open_ranked_output(cfg)
     return open_writer(cfg.output, cfg.output_format)
 
 
@@ -99,6 +102,8 @@ def open_chunks(cfg: RunConfig):
     chunks = read_chunks(cfg.input, columns_of(cfg), fmt=cfg.input_format, window=cfg.sort_window,
                          skip_bad=cfg.on_bad_row == "skip")
     first = next(chunks, None)
+    if first is not None:
+        check_ranking_columns(cfg, first.batch.schema)
     return itertools.chain([first], chunks) if first is not None else iter(())
 
 

@@ -24,16 +24,25 @@ from .formats import READ_FORMATS, STREAM, detect_format, display_name, open_inp
 
 @dataclass(frozen=True)
 class Columns:
-    """Which input columns hold the pair, and which column the score will take."""
+    """Which input columns hold the pair, and which column the score will take.
 
-    query: str = "query"
-    passage: str = "passage"
+    `query`/`passage` None: no text column is required (reading an already scored file to rank or
+    evaluate it). `score` None: no score column will be added, so an existing one is welcome.
+    """
+
+    query: str | None = "query"
+    passage: str | None = "passage"
     instruction: str | None = None
-    score: str = "score"
+    score: str | None = "score"
 
     @property
     def required(self) -> tuple[str, ...]:
-        return (self.query, self.passage) + ((self.instruction,) if self.instruction else ())
+        return tuple(c for c in (self.query, self.passage, self.instruction) if c)
+
+    @classmethod
+    def scored(cls) -> Columns:
+        """Any table: nothing required, nothing added (the caller checks the columns it needs)."""
+        return cls(query=None, passage=None, score=None)
 
 
 @dataclass
@@ -323,6 +332,8 @@ def _check_schema(name: str, schema: pa.Schema, columns: Columns) -> None:
 
 
 def _validate_batch(name, batch: pa.RecordBatch, columns: Columns, skip_bad: bool, first_row: int) -> Chunk:
+    if not columns.required:
+        return Chunk(batch)
     bad = None
     for col in columns.required:
         nulls = pc.is_null(batch.column(col))
