@@ -117,8 +117,9 @@ class ParquetWriter(Writer):
         self._pq.write_batch(batch)
 
     def _close(self) -> None:
-        if hasattr(self, "_pq"):
-            self._pq.close()
+        if not hasattr(self, "_pq"):  # no rows at all: still a valid (empty) Parquet file
+            self._write(pa.RecordBatch.from_pydict({}))
+        self._pq.close()
 
 
 class CsvWriter(Writer):
@@ -150,8 +151,9 @@ class ArrowWriter(Writer):
         self._ipc.write_batch(batch)
 
     def _close(self) -> None:
-        if hasattr(self, "_ipc"):
-            self._ipc.close()
+        if not hasattr(self, "_ipc"):
+            self._write(pa.RecordBatch.from_pydict({}))
+        self._ipc.close()
 
 
 WRITERS: dict[str, type[Writer]] = {
