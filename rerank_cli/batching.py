@@ -2,9 +2,11 @@
 
 `score_window` takes one window of encoded pairs, scores them longest first in batches whose padded
 size (rows x longest row) stays under the current `TokenBudget`, and returns the scores in the
-window's original order. On out-of-memory (and only that) it frees memory, halves the budget and
-re-plans from the same pair: no pair is lost, repeated or reordered. After a run of good batches the
-budget grows back, staying 15% under the smallest size that failed.
+window's original order. On out-of-memory (and only that: `torch.OutOfMemoryError`, never another
+RuntimeError) it leaves the `except` block so the failed batch's tensors can die, empties the cache,
+halves the budget and re-plans from the same pair: no pair is lost, repeated or reordered. After a
+run of good batches the budget grows back, staying 15% under the smallest size that failed.
+Where the first budget comes from is `memory.py`'s job.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from .errors import PairTooLargeError
 
 GROW_AFTER = 8  # good batches in a row before the budget grows again
 GROW_FACTOR = 1.25
-HEADROOM = 0.85  # stay this fraction under the smallest budget that ran out of memory
-MIN_TOKENS = 16
+HEADROOM = 0.85  # grow back to at most this fraction of the smallest padded size that ran out of memory
+MIN_TOKENS = 16  # floor for a budget given by the user or the cache (back-off may go lower)
 
 
 class TokenBudget:
@@ -38,12 +40,12 @@ class TokenBudget:
     def take(self, lengths: Sequence[int], start: int) -> int:
         """How many pairs from `start` (lengths sorted descending) form the next batch (at least 1)."""
         width = lengths[start]
-        rows = max(1, min(self.max_rows, self.tokens // max(1, width), len(lengths) - start))
-        return rows
+        return max(1, min(self.max_rows, self.tokens // max(1, width), len(lengths) - start))
 
     def on_oom(self, padded: int) -> None:
+        """A batch of `padded` tokens ran out of memory: halve below it, so the retry is smaller."""
         self.failed_at = padded if self.failed_at is None else min(self.failed_at, padded)
-        new = max(MIN_TOKENS, min(self.tokens, padded) // 2)
+        new = max(1, min(self.tokens, padded) // 2)
         if not self._said:
             self.log(f"{self.device}: out of memory at {padded} tokens; backing off to {new}")
             self._said = True
@@ -52,23 +54,25 @@ class TokenBudget:
         self.backoffs += 1
 
     def on_success(self) -> None:
+        """After GROW_AFTER good batches in a row, grow by GROW_FACTOR up to the headroom cap."""
         self.streak += 1
         if self.failed_at is None or self.streak < GROW_AFTER:
             return
+        self.streak = 0
         cap = int(self.failed_at * HEADROOM)
         if self.tokens < cap:
             self.tokens = min(cap, int(self.tokens * GROW_FACTOR) + 1)
-        self.streak = 0
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Out-of-memory only: torch's OutOfMemoryError, never other RuntimeErrors."""
+def oom_error_types() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory exception (CUDA's is the same class); never plain RuntimeError."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError)
+    return (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
 def free_memory(device: str) -> None:
+    """Drop unreachable tensors and give cached blocks back (call outside any `except` block)."""
     import gc
 
     gc.collect()
@@ -76,6 +80,14 @@ def free_memory(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def try_forward(scorer, batch: list) -> np.ndarray | None:
+    """The batch's scores, or None if it ran out of memory (other errors propagate)."""
+    try:
+        return scorer.forward(batch)
+    except oom_error_types():
+        return None  # the exception and its traceback (holding the batch's tensors) die here
 
 
 def score_window(scorer, encoded: Sequence, budget: TokenBudget,
@@ -92,17 +104,14 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
     while start < n:
         rows = budget.take(lengths, start)
         idx = order[start:start + rows]
-        try:
-            scores[idx] = scorer.forward([encoded[i] for i in idx])
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            del exc
+        out = try_forward(scorer, [encoded[i] for i in idx])
+        if out is None:
             free_memory(budget.device)
             if rows == 1:
-                raise PairTooLargeError(_too_large(budget.device, first_row + idx[0], lengths[start])) from None
+                raise PairTooLargeError(too_large_message(scorer, budget.device, first_row + idx[0], lengths[start]))
             budget.on_oom(rows * lengths[start])
             continue
+        scores[idx] = out
         budget.on_success()
         start += rows
         if on_batch:
@@ -110,6 +119,8 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
     return scores
 
 
-def _too_large(device: str, row: int, tokens: int) -> str:
-    return (f"row {row} ({tokens} tokens) does not fit in memory on {device} even "
-            "alone; lower --max-length or use a smaller --dtype (bf16/fp16)")
+def too_large_message(scorer, device: str, row: int, tokens: int) -> str:
+    dtype = getattr(getattr(scorer, "precision", None), "name", None)
+    fix = "lower --max-length or use --dtype bf16 (fp16 on GPUs without bf16)" if dtype in (None, "fp32") \
+        else "lower --max-length"
+    return f"row {row} ({tokens} tokens) does not fit in memory on {device} even alone; {fix}"

@@ -128,6 +128,53 @@ def score(
         reporter.info(summary.line())
 
 
+@app.command("probe-memory")
+def probe_memory(
+    model: str | None = typer.Option(None, "--model", "-m", help="Local path or hub id."),
+    preset: str | None = typer.Option(None, help="A preset from configs/ (see `rerank presets`)."),
+    device: str | None = typer.Option(None, help="One device: cpu, cuda, cuda:N [cuda:0 if there is one, else cpu; "
+                                                    "cuda with --estimate]."),
+    devices: str | None = typer.Option(None, help="Several devices: cuda:0,cuda:1."),
+    max_length: int | None = typer.Option(None, help="Max tokens per pair [512]."),
+    dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 [auto]."),
+    headroom: float = typer.Option(0.1, help="Fraction of memory to keep free."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    estimate: bool = typer.Option(False, "--estimate", help="From the model config alone: no weights, no device."),
+    memory: str | None = typer.Option(None, help="Device memory for --estimate, e.g. 80GiB [the device's, else 80GiB]."),
+    kind: str | None = typer.Option(None, help="auto|cross-encoder|llm [auto: from the config]."),
+    template: str | None = typer.Option(None, help="LLM prompt template: bge|qwen3 [bge]."),
+    trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code", help="Allow model code."),
+) -> None:
+    """Find the largest batch (padded tokens) each device fits, and cache it for `rerank score`."""
+    if device and devices:
+        raise ConfigError("use --device or --devices, not both")
+    from .config import build_config
+    from .memory import parse_memory
+    from .progress import Reporter
+
+    flags = {"model": model, "max_length": max_length, "dtype": dtype, "kind": kind, "template": template,
+             "trust_remote_code": trust_remote_code, "devices": device or devices}
+    cfg = build_config(flags, preset)
+    if not cfg.model:
+        raise ConfigError("no model: pass --model PATH_OR_HUB_ID or --preset NAME")
+    size = parse_memory(memory) if memory else None
+    if size is not None and not estimate:
+        raise ConfigError("--memory is for --estimate; a probe measures the device itself")
+    from .plan import resolve_devices
+    from .probe import probe_memory as probe, render_table
+
+    targets = list(cfg.devices) or (["cuda"] if estimate else resolve_devices(cfg))
+    results = probe(cfg, targets, headroom, estimate, size, log=Reporter().info)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([r.to_json() for r in results], indent=1))
+    else:
+        from rich.console import Console
+
+        render_table(results, Console())
+
+
 @app.command()
 def presets() -> None:
     """List the presets in configs/ with their model and kind."""

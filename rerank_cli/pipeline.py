@@ -69,6 +69,9 @@ def score_file(input: str, output: str = "-", *, model: str, **options: Any) -> 
 
 def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     """Dispatch a validated config to its executor."""
+    from .memory import set_allocator_env
+
+    set_allocator_env()  # before any CUDA use, here and in the workers that inherit the environment
     if not cfg.model:
         raise ConfigError("no model: pass --model PATH_OR_HUB_ID or --preset NAME")
     check_output_path(cfg.output, [cfg.input], cfg.overwrite)
