@@ -132,17 +132,17 @@ def score(
 def probe_memory(
     model: str | None = typer.Option(None, "--model", "-m", help="Local path or hub id."),
     preset: str | None = typer.Option(None, help="A preset from configs/ (see `rerank presets`)."),
-    device: str | None = typer.Option(None, help="One device: cpu, cuda, cuda:N [cuda:0 if there is one, else cpu; "
+    device: str | None = typer.Option(None, help="One device: cpu, cuda, cuda:N \\[cuda:0 if there is one, else cpu; "
                                                     "cuda with --estimate]."),
     devices: str | None = typer.Option(None, help="Several devices: cuda:0,cuda:1."),
-    max_length: int | None = typer.Option(None, help="Max tokens per pair [512]."),
-    dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 [auto]."),
+    max_length: int | None = typer.Option(None, help="Max tokens per pair \\[512]."),
+    dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 \\[auto]."),
     headroom: float = typer.Option(0.1, help="Fraction of memory to keep free."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     estimate: bool = typer.Option(False, "--estimate", help="From the model config alone: no weights, no device."),
-    memory: str | None = typer.Option(None, help="Device memory for --estimate, e.g. 80GiB [the device's, else 80GiB]."),
-    kind: str | None = typer.Option(None, help="auto|cross-encoder|llm [auto: from the config]."),
-    template: str | None = typer.Option(None, help="LLM prompt template: bge|qwen3 [bge]."),
+    memory: str | None = typer.Option(None, help="Memory for --estimate, e.g. 80GiB \\[the device's, else 80GiB]."),
+    kind: str | None = typer.Option(None, help="auto|cross-encoder|llm \\[auto: from the config]."),
+    template: str | None = typer.Option(None, help="LLM prompt template: bge|qwen3 \\[bge]."),
     trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code", help="Allow model code."),
 ) -> None:
     """Find the largest batch (padded tokens) each device fits, and cache it for `rerank score`."""
@@ -161,7 +161,8 @@ def probe_memory(
     if size is not None and not estimate:
         raise ConfigError("--memory is for --estimate; a probe measures the device itself")
     from .plan import resolve_devices
-    from .probe import probe_memory as probe, render_table
+    from .probe import probe_memory as probe
+    from .probe import render_table
 
     targets = list(cfg.devices) or (["cuda"] if estimate else resolve_devices(cfg))
     results = probe(cfg, targets, headroom, estimate, size, log=Reporter().info)
@@ -172,7 +173,7 @@ def probe_memory(
     else:
         from rich.console import Console
 
-        render_table(results, Console())
+        render_table(results, Console(width=None if sys.stdout.isatty() else 120))
 
 
 @app.command()

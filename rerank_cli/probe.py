@@ -166,24 +166,30 @@ class Device:
         """Peak allocated bytes (weights included) of one batch, and where the number comes from."""
         if self.cuda:
             self._reset_peak()
-            scorer.forward(batch)
-            return self._peak(), "torch.cuda.max_memory_allocated"
-        return (weights_bytes(scorer.model) + cpu_forward_peak(scorer, batch),
+            fitted = try_forward(scorer, batch) is not None
+            return (self._peak() if fitted else None), "torch.cuda.max_memory_allocated"
+        activations = cpu_forward_peak(scorer, batch)
+        if activations is None:
+            return None, "not measured: this torch's profiler has no memory events"
+        return (weights_bytes(scorer.model) + activations,
                 "weights + peak of torch's CPU allocations during the batch (torch.profiler)")
 
 
-def cpu_forward_peak(scorer, batch: list) -> int:
+def cpu_forward_peak(scorer, batch: list) -> int | None:
     """Peak of live CPU tensor bytes during one forward pass, from the profiler's allocation events."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         scorer.forward(batch)
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    try:
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    except AttributeError:  # the event API is torch's own; it may move
+        return None
     live = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
+        live += e.nbytes()  # negative for frees
         peak = max(peak, live)
     return peak
 
@@ -194,11 +200,8 @@ def native_stderr_silenced():
     import sys
 
     sys.stderr.flush()
-    try:
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
         yield
@@ -224,7 +227,11 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
         config = load_config(cfg.model, cfg.trust_remote_code)
         kind = detect_kind(config, cfg.kind, cfg.model)
         return [estimate_device(cfg, config, kind, d, headroom, memory, log) for d in devices]
-    return [probe_device(cfg, d, headroom, log) for d in devices]
+    results = []
+    for device in devices:
+        results.append(probe_device(cfg, device, headroom, log))
+        free_memory(device)  # the device's model is gone with probe_device's frame: give its memory back
+    return results
 
 
 def probe_device(cfg, device: str, headroom: float, log: Callable[[str], None]) -> ProbeResult:
@@ -251,8 +258,6 @@ def probe_device(cfg, device: str, headroom: float, log: Callable[[str], None]) 
                          total_memory_bytes=dev.total, dtype_reason=p.reason, width=width,
                          weights_bytes=weights_bytes(scorer.model), bound=bound, peak_memory_source=source)
     write_cache(cache_key(cfg.model, dev.name, p.name, cfg.max_length), result.to_json())
-    del scorer
-    free_memory(device)
     return result
 
 
