@@ -71,7 +71,12 @@ def main() -> None:
     out = sh("score", "-", "-o", "-", "-m", f"{d}/tiny-ce", "--normalize", "-q", stdin=f"{d}/pairs.jsonl")
     print("".join(out.splitlines(keepends=True)[:3]), end="")
     print(f"... ({len(out.splitlines())} scored JSON lines on stdout)")
-    print("\ndemo finished: outputs are in demo/")
+    sh("rank", f"{d}/scored-ce.parquet", "-o", f"{d}/top5-ce.trec", "--top-k", "5", "--run-tag", "tiny-ce",
+       "--overwrite")
+    print(open(DEMO / "top5-ce.trec").read().splitlines()[0], "...")
+    print(sh("eval", f"{d}/scored-ce.parquet", "--qrels", f"{d}/qrels.trec", "--baseline-input-order"), end="")
+    print("\n(random-weight models: expect no gain over the input order; the numbers show the loop works)")
+    print("demo finished: outputs are in demo/")
 
 
 if __name__ == "__main__":
