@@ -23,6 +23,7 @@ SIZES = {
     "bench-llm": (6, 512, 8, 1408, 8000),  # ~26M parameters
 }
 SYLLABLES = "ka ri to an el mo su ne la vi or de ta pe lu fi sa go ru bi na co te mi po ha ze yu qu xo".split()
+LEXICON = 6000  # pseudo-words: enough for ~8k-token vocabularies at bench size
 ANSWER_WORDS = ["Yes", "yes", "no", "No", "Yes.", "no."]
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen2's own pre-tokenizer split: transformers 5 rebuilds a Qwen2 tokenizer with it whatever
@@ -52,7 +53,7 @@ def sentence(rng: random.Random, words: list[str], k: int) -> str:
 
 def corpus(seed: int, n: int = 6000) -> list[str]:
     rng = random.Random(seed)
-    words = lexicon(3000, seed)
+    words = lexicon(LEXICON, seed)
     lines = [sentence(rng, words, rng.randint(3, 30)) + rng.choice([".", "?", "!", ",", ""]) for _ in range(n)]
     lines += [" ".join(rng.sample(words, 40)) for _ in range(200)]
     return lines + ANSWER_WORDS * 200 + ["A: B: \n 0123456789 '\"()-:;<>/|"]
@@ -145,9 +146,9 @@ def make_pairs(n: int, seed: int = 0, queries: int | None = None, long_every: in
     512 tokens and some queries past 3/4 of that, so truncation paths are exercised.
     """
     rng = random.Random(seed + 1)
-    words = lexicon(3000, seed)
+    words = lexicon(LEXICON, seed)
     nq = queries or max(1, n // 20)
-    topics = [words[rng.randrange(50, 3000)] for _ in range(nq)]
+    topics = [words[rng.randrange(50, LEXICON)] for _ in range(nq)]
     cols: dict[str, list] = {"qid": [], "pid": [], "query": [], "passage": [], "label": []}
     for i in range(n):
         q = i * nq // n
