@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from .batching import TokenBudget, score_window
+from .errors import InputError
 
 WINDOW = 4096
 
@@ -81,6 +82,9 @@ class Reranker:
     def score(self, pairs: Iterable[tuple[str, str]], instructions: Sequence[str | None] | None = None) -> list[float]:
         """Scores for `pairs`, in order (raw logits unless the reranker was built with normalize=True)."""
         pairs = list(pairs)
+        for i, pair in enumerate(pairs, 1):
+            if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise InputError("pairs", f"pair {i} is not a (query, passage) pair of strings: {pair!r:.80}")
         queries = [q for q, _ in pairs]
         passages = [p for _, p in pairs]
         out = [

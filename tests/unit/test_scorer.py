@@ -51,3 +51,13 @@ def test_score_api_keeps_order_across_windows(ce_model, monkeypatch):
     windowed = r.score(pairs)
     one_by_one = [r.score([p])[0] for p in pairs]
     np.testing.assert_allclose(windowed, one_by_one, atol=1e-5)
+
+
+def test_score_api_rejects_what_is_not_a_pair_of_strings(ce_model):
+    import pytest
+
+    from rerank_cli.errors import InputError
+
+    r = Reranker(ce_model, "cpu")
+    with pytest.raises(InputError, match="pair 2 is not a"):
+        r.score([("q", "p"), ("q", None)])
