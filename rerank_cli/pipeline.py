@@ -82,7 +82,7 @@ def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     from .plan import resolve_devices
 
     devices = resolve_devices(cfg)
-    if len(devices) > 1 or cfg.dry_run:
+    if len(devices) > 1 or cfg.dry_run or cfg.work_dir or cfg.gpus_per_worker > 1:  # sharded (resumable)
         from .workers import run_parallel
 
         return run_parallel(cfg, devices, reporter)
