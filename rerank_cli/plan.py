@@ -65,6 +65,10 @@ def resolve_devices(cfg, cuda_count: int | None = None, visible=ENV) -> list[str
     gpus = visible_gpus(cuda_count or 0, visible)
     if not requested:
         return [f"cuda:{i}" for i in range(len(gpus))] or ["cpu"]
+    asked = [d for d in requested if d.startswith("cuda")]
+    if asked and not gpus:
+        shown = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise DeviceError(f"{','.join(asked)}: no CUDA device is visible{shown}; use --devices cpu")
     problems = [p for p in (_gpu_problem(d, gpus, visible) for d in requested) if p]
     if problems:
         raise DeviceError("; ".join(dict.fromkeys(problems)))
@@ -75,8 +79,6 @@ def _gpu_problem(device: str, gpus: list[str], visible: str | None) -> str | Non
     if not device.startswith("cuda"):
         return None
     shown = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-    if not gpus:
-        return f"{device}: no CUDA device is visible{shown}; use --devices cpu"
     index = int(device.split(":")[1])
     if index < len(gpus):
         return None
@@ -202,8 +204,9 @@ class Plan:
 
 
 def make_plan(cfg, devices: list[str], total_rows: int | None = None, *, visible=ENV, cuda_count: int | None = None,
-              cpu_count: int | None = None, dtype_of: Callable | None = None) -> Plan:
-    """Group `devices` into workers, pick each worker's dtype, size the shards."""
+              cpu_count: int | None = None, dtype_of: Callable | None = None, accelerate: bool | None = None) -> Plan:
+    """Group `devices` into workers, pick each worker's dtype, size the shards. Keyword arguments
+    stand in for the machine (visible GPUs, cores, dtype support, whether accelerate is installed)."""
     if visible is ENV:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpu_ids = None
@@ -214,8 +217,9 @@ def make_plan(cfg, devices: list[str], total_rows: int | None = None, *, visible
                                    cpu_count=cpu_count or _cpu_count(), omp_threads=int(omp) if omp.isdigit() else None)
     if dtype_of is None:
         from .precision import choose_dtype as dtype_of
-    if any(w.is_group for w in workers):
-        _need_accelerate(cfg.gpus_per_worker)
+    if any(w.is_group for w in workers) and not (_have_accelerate() if accelerate is None else accelerate):
+        raise DeviceError(f"--gpus-per-worker {cfg.gpus_per_worker} spreads the model with a device map, which "
+                          "needs the accelerate package: pip install accelerate")
     dtypes = [_dtype(dtype_of(cfg.dtype, w.device)) for w in workers]
     if len({d for d, _ in dtypes}) > 1:
         notes.append("workers differ in precision, so scores differ slightly by shard; pin one with --dtype")
@@ -223,12 +227,10 @@ def make_plan(cfg, devices: list[str], total_rows: int | None = None, *, visible
     return Plan(workers, dtypes, size, total_rows, notes)
 
 
-def _need_accelerate(n: int) -> None:
+def _have_accelerate() -> bool:
     import importlib.util
 
-    if importlib.util.find_spec("accelerate") is None:
-        raise DeviceError(f"--gpus-per-worker {n} spreads the model with a device map, which needs the "
-                          "accelerate package: pip install accelerate")
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def _dtype(precision) -> tuple[str, str]:

@@ -158,6 +158,7 @@ def _pin(spec) -> tuple[str, str | None]:
     One GPU: `torch.cuda.set_device`. A GPU group: CUDA_VISIBLE_DEVICES narrowed to the group, and the
     model spread over it with a balanced device map (the group's first GPU is cuda:0 in here).
     """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # the parent draws the one progress bar
     os.environ["OMP_NUM_THREADS"] = str(spec.threads)
     os.environ["RAYON_NUM_THREADS"] = str(spec.threads)
     if spec.is_group:

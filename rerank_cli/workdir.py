@@ -110,7 +110,7 @@ class WorkDir:
     def marker(self, k: int) -> Path:
         return self.path / shard_name(k, "done")
 
-    def peek(self, fingerprint: dict[str, Any]) -> Resume:
+    def peek(self, fingerprint: dict[str, Any], shards: int | None = None) -> Resume:
         """What `open` would find, changing nothing (for --dry-run)."""
         old = self._manifest()
         if old is None:
@@ -118,11 +118,13 @@ class WorkDir:
         why = compare(old, fingerprint)
         if why:
             return Resume(message=f"would start fresh in {self.path}: {why}")
-        done = self._done()
-        return Resume(done, old.get("shards"), self._resume_line(done, old.get("shards")))
+        done, total = self._done(), old.get("shards") or shards
+        return Resume(done, total, self._resume_line(done, total))
 
-    def open(self, fingerprint: dict[str, Any]) -> Resume:
-        """Lock the folder and keep the finished shards of a run with the same fingerprint."""
+    def open(self, fingerprint: dict[str, Any], shards: int | None = None) -> Resume:
+        """Lock the folder and keep the finished shards of a run with the same fingerprint.
+
+        `shards` is the shard count when the plan knows it already (input of known size)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -134,7 +136,7 @@ class WorkDir:
         if why:
             resume.message = f"starting fresh in {self.path}: {why}"
         if old is not None and not why:
-            resume.done, resume.total = self._done(), old.get("shards")
+            resume.done, resume.total = self._done(), old.get("shards") or shards
             resume.message = self._resume_line(resume.done, resume.total)
         self._clear(keep=set(resume.done))
         _write_json(self.path / MANIFEST, {**fingerprint, "shards": resume.total})
@@ -147,8 +149,8 @@ class WorkDir:
     def _resume_line(self, done: dict[int, int], total: int | None) -> str | None:
         if not done:
             return None
-        of = f" of {total}" if total else ""
-        return f"resuming: {len(done)}{of} shards already done ({self.path})"
+        counted = f"{len(done)} of {total} shards" if total else f"{len(done)} shard{'s' if len(done) > 1 else ''}"
+        return f"resuming: {counted} already done ({self.path})"
 
     def _manifest(self) -> dict[str, Any] | None:
         try:

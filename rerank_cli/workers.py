@@ -42,7 +42,7 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
     from .shard_worker import faults_from_env
 
     faults = faults_from_env()
-    resume = workdir.open(fp)
+    resume = workdir.open(fp, plan.shards)
     ok = False
     try:
         if resume.message:
@@ -64,7 +64,7 @@ def dry_run(cfg, plan: Plan, workdir: WorkDir, fp: dict) -> None:
     """Print the plan on stdout (reading, and so checking, the whole input) and score nothing."""
     plan.total_rows = sum(chunk.num_rows for chunk in open_chunks(cfg))
     where = "a temporary folder, removed at the end" if workdir.temporary else str(workdir.path)
-    resume = workdir.peek(fp) if not workdir.temporary else None
+    resume = workdir.peek(fp, plan.shards) if not workdir.temporary else None
     workdir.close()
     lines = plan.lines() + [f"  work dir: {where}"]
     if resume and resume.message:
