@@ -63,15 +63,17 @@ def read_rows(path) -> list[dict]:
 def assert_same_scores(rows: list[dict], reference: list[dict]) -> None:
     assert [r["pid"] for r in rows] == [r["pid"] for r in reference]  # every row once, in input order
     got, want = np.array([r["score"] for r in rows]), np.array([r["score"] for r in reference])
-    assert np.allclose(got, want, rtol=1e-5, atol=1e-6), np.abs(got - want).max()
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5), np.abs(got - want).max()  # batch shapes differ
 
 
+@pytest.mark.slow
 def test_two_workers_score_like_one_device(parallel_bytes, inline_rows):
     rows = [json.loads(line) for line in parallel_bytes.decode().splitlines()]
     assert_same_scores(rows, inline_rows)
     assert list(rows[0]) == ["qid", "pid", "query", "passage", "label", "score"]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_every_row_is_scored_once(rerank_proc, pairs, ce_model, tmp_path, inline_rows,
                                                                    parallel_bytes):
     out = tmp_path / "out.jsonl"
@@ -85,6 +87,7 @@ def test_a_killed_worker_is_replaced_and_every_row_is_scored_once(rerank_proc, p
     assert out.read_bytes() == parallel_bytes
 
 
+@pytest.mark.slow
 def test_a_worker_that_raises_ends_the_run_with_one_clean_line(rerank_proc, pairs, ce_model, tmp_path):
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
@@ -99,6 +102,7 @@ def test_a_worker_that_raises_ends_the_run_with_one_clean_line(rerank_proc, pair
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.slow
 def test_a_pair_too_large_in_a_worker_gives_the_inline_error(rerank_proc, pairs, ce_model, tmp_path, monkeypatch,
                                                              capsys):
     from rerank_cli.cli import main
@@ -115,6 +119,7 @@ def test_a_pair_too_large_in_a_worker_gives_the_inline_error(rerank_proc, pairs,
     assert not (tmp_path / "par.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_keeps_shards_and_the_same_command_resumes_to_the_same_file(rerank_proc, pairs, ce_model, tmp_path,
                                                                                   parallel_bytes):
     out = tmp_path / "out.jsonl"
