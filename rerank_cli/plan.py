@@ -191,6 +191,13 @@ class Plan:
     def dtype_names(self) -> list[str]:
         return sorted({d for d, _ in self.dtypes})
 
+    def headline(self) -> str:
+        """One line for the start of a run."""
+        shards = f"{self.shards} shards" if self.shards is not None else "shards"
+        n = len(self.workers)
+        return (f"{n} worker{'s' if n > 1 else ''} on {', '.join(w.label for w in self.workers)}; "
+                f"{shards} of up to {self.shard_rows} pairs, handed out as workers free up")
+
     def lines(self) -> list[str]:
         devices = sum(len(w.devices) for w in self.workers)
         out = [f"plan: {len(self.workers)} worker(s) on {devices} device(s)"]

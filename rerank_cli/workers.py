@@ -47,9 +47,12 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
     try:
         if resume.message:
             reporter.info(resume.message)
+        for note in plan.notes:
+            reporter.info(note)
         if len(plan.workers) == 1 and not plan.workers[0].is_group:
             summary = run_sharded_inline(cfg, plan, workdir, fp, resume, reporter)
         else:
+            reporter.info(plan.headline())
             summary = ParallelRun(cfg, plan, workdir, fp, resume, reporter, faults).run()
         ok = True
     except KeyboardInterrupt:

@@ -132,6 +132,7 @@ def test_plan_shows_grouping_dtypes_and_shards():
     assert "plan: 1 worker(s) on 2 device(s)" in text
     assert "worker 0 (cuda:0+cuda:1), model spread over 2 GPUs (GPUs 6,7): bf16 (cuda:0 supports bf16)" in text
     assert "250 pairs in 3 shard(s) of up to 100 pairs" in text
+    assert plan.headline() == "1 worker on cuda:0+cuda:1; 3 shards of up to 100 pairs, handed out as workers free up"
 
 
 def test_gpu_groups_need_accelerate_and_say_how_to_get_it():
