@@ -80,9 +80,10 @@ def run(cfg: RunConfig, reporter: Reporter) -> Summary:
 
         return run_ray(cfg, reporter)
     from .plan import resolve_devices
+    from .workdir import left_by_earlier_run
 
     devices = resolve_devices(cfg)
-    if len(devices) > 1 or cfg.dry_run or cfg.work_dir or cfg.gpus_per_worker > 1:  # sharded (resumable)
+    if len(devices) > 1 or cfg.dry_run or cfg.work_dir or cfg.gpus_per_worker > 1 or left_by_earlier_run(cfg):
         from .workers import run_parallel
 
         return run_parallel(cfg, devices, reporter)

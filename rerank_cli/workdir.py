@@ -74,6 +74,14 @@ def write_part(folder: str | Path, k: int, table: pa.Table, info: dict[str, Any]
     _write_json(folder / shard_name(k, "done"), {"rows": table.num_rows, **info})
 
 
+def left_by_earlier_run(cfg) -> bool:
+    """Whether the default work dir beside the output holds an earlier run's manifest: then even a
+    one-device run goes through the shards, to reuse what is finished (and to clean up after itself)."""
+    if cfg.work_dir or cfg.output == "-":
+        return False
+    return (WorkDir.for_run(cfg).path / MANIFEST).is_file()
+
+
 @dataclass
 class Resume:
     """What a run found in its work dir: finished shards (id -> rows) and what to tell the user."""

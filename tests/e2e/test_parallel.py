@@ -182,16 +182,15 @@ def test_one_device_with_a_work_dir_resumes_in_process(pairs, ce_model, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    out, work = tmp_path / "out.jsonl", tmp_path / "work"
-    cfg = build_config({"input": pairs, "output": str(out), "model": ce_model, "devices": "cpu",
-                        "work_dir": str(work), "shard_rows": 100})
+    out, work = tmp_path / "out.jsonl", tmp_path / ".out.jsonl.rerank-work"
+    cfg = build_config({"input": pairs, "output": str(out), "model": ce_model, "devices": "cpu", "shard_rows": 100})
     monkeypatch.setattr(shard_worker, "score_table", interrupt_third)
     with pytest.raises(Interrupted):
-        run(cfg, Reporter(quiet=True))
+        run(cfg.replace(work_dir=str(work)), Reporter(quiet=True))
     assert not out.exists() and len(glob.glob(str(work / "*.done"))) == 2
     monkeypatch.setattr(shard_worker, "score_table", real)
     log = io.StringIO()
-    summary = run(cfg, Reporter(stream=log, force_plain=True))
+    summary = run(cfg, Reporter(stream=log, force_plain=True))  # no --work-dir: the leftover one is found
     assert f"resuming: 2 of 3 shards already done ({work})" in log.getvalue()
     assert summary.pairs == PAIRS - 200
     assert_same_scores(read_rows(out), inline_rows)

@@ -154,8 +154,9 @@ def test_plan_warns_when_workers_differ_in_precision():
 
 def test_shard_size_spreads_a_small_known_input_but_never_exceeds_shard_rows():
     assert shard_size(2048, None, 2) == 2048                   # unknown size: as configured
-    assert shard_size(2048, 2000, 2) == MIN_AUTO_SHARD         # 2,000 pairs, 2 workers: 8 shards
-    assert shard_size(2048, 3000, 2) == 375
+    assert shard_size(2048, 2000, 2) == 500                    # 2,000 pairs, 2 workers: 4 shards
+    assert shard_size(2048, 600, 2) == MIN_AUTO_SHARD          # but not tiny ones
+    assert shard_size(2048, 3000, 4) == 375
     assert shard_size(2048, 10_000_000, 8) == 2048
     assert shard_size(20, 120, 2) == 20                        # an explicit small size stays
     assert shard_count(0, 10) == 0 and shard_count(25, 10) == 3

@@ -11,7 +11,7 @@ from rerank_cli.config import build_config
 from rerank_cli.errors import ConfigError, WorkerError
 from rerank_cli.merge import OrderedMerge
 from rerank_cli.plan import make_plan
-from rerank_cli.workdir import WorkDir, compare, fingerprint, write_arrow, write_part
+from rerank_cli.workdir import WorkDir, compare, fingerprint, left_by_earlier_run, write_arrow, write_part
 
 
 @pytest.fixture
@@ -62,6 +62,17 @@ def test_a_rerun_with_the_same_fingerprint_resumes_from_finished_shards(setup):
     assert not again.input(1).exists()  # shard inputs are rewritten by the run that needs them
     again.finish()
     assert not again.path.exists()
+
+
+def test_an_earlier_runs_work_dir_beside_the_output_is_found(setup):
+    _, _, _, make = setup
+    cfg, fp = make()
+    assert not left_by_earlier_run(cfg)
+    wd = WorkDir.for_run(cfg)
+    wd.open(fp)
+    wd.close()
+    assert left_by_earlier_run(cfg)
+    assert not left_by_earlier_run(cfg.replace(output="-"))
 
 
 def test_a_damaged_part_is_not_counted_as_done(setup):
