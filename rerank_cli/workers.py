@@ -93,7 +93,8 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
     reranker = Reranker.from_config(cfg, spec.device, log=reporter.info)
     describe_choices(reporter, spec.device, reranker)
     summary = Summary(devices=[spec.device], dtype=reranker.precision.name, output=cfg.output)
-    reporter.start(input_rows(cfg))
+    total = input_rows(cfg)
+    reporter.start(total)
     try:
         with open_output(cfg) as writer, RejectSink(cfg) as rejects:
             merge = OrderedMerge(writer, workdir.part)
@@ -105,6 +106,9 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
                     scored = score_table(reranker, cfg, table, shard.first_row, reporter.advance)
                     write_part(workdir.path, shard.id, scored, {"device": spec.device,
                                                                  "seconds": round(time.perf_counter() - t, 3)})
+                elif total:
+                    total -= shard.rows
+                    reporter.set_total(total)  # the bar counts this run's work only
                 merge.add(shard.id, shard.rows)
                 merge.flush()
             workdir.record_shards(fp, shards)
@@ -127,6 +131,7 @@ class ParallelRun:
         self.rows_read = 0
         self.rows_resumed = 0
         self.known_rows = input_rows(cfg)
+        self.started = False
 
     def run(self) -> Summary:
         started = time.perf_counter()
@@ -134,7 +139,6 @@ class ParallelRun:
         with open_output(self.cfg) as writer, RejectSink(self.cfg) as rejects, self.pool:
             self.merge = OrderedMerge(writer, self.workdir.part)
             self.source = cut_shards(_batches(chunks, rejects), self.plan.shard_rows)
-            self.pool.start_all()
             self.reporter.start(self.known_rows)
             try:
                 self._loop()
@@ -176,6 +180,9 @@ class ParallelRun:
             return
         write_arrow(self.workdir.input(shard.id), table)
         self.pending.append(shard)
+        if not self.started:  # the first shard to score (none if all were done before): start workers
+            self.pool.start_all()
+            self.started = True
 
     # --- workers ---------------------------------------------------------------------------------
 
