@@ -206,6 +206,10 @@ class WorkDir:
             raise ConfigError(f"work dir {self.path} is in use by another rerank run; wait for it or pass "
                               "another --work-dir") from None
 
+    def finished(self) -> int:
+        """How many shards have a completion marker (what a rerun could reuse)."""
+        return sum(1 for _ in self.path.glob("shard-*.done")) if self.path.is_dir() else 0
+
     def finish(self) -> None:
         """After success: remove every file of ours, and the folder if nothing else is left in it."""
         if self.path.is_dir():

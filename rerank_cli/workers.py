@@ -56,10 +56,11 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
             summary = ParallelRun(cfg, plan, workdir, fp, resume, reporter, faults).run()
         ok = True
     except KeyboardInterrupt:
-        kept = "" if workdir.temporary else f"; finished shards are kept in {workdir.path}: rerun to resume"
-        raise Interrupted(f"interrupted{kept}") from None
+        kept = workdir.finished() and not workdir.temporary
+        raise Interrupted("interrupted" + (f"; finished shards are kept in {workdir.path}: rerun to resume"
+                                           if kept else "")) from None
     finally:
-        workdir.finish() if ok else workdir.close()
+        workdir.finish() if ok or not workdir.finished() else workdir.close()  # keep only what resumes
     return summary
 
 

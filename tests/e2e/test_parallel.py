@@ -163,6 +163,15 @@ def test_dry_run_prints_the_plan_and_scores_nothing(rerank_proc, pairs, ce_model
     assert os.listdir(tmp_path) == []
 
 
+def test_bad_input_is_reported_by_the_parent_with_its_line_and_leaves_nothing(rerank_proc, ce_model, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n{"query": null, "passage": "p"}\n')
+    proc = rerank_proc("score", str(src), "-o", str(tmp_path / "out.jsonl"), "-m", ce_model, "--devices", "cpu,cpu")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == f"error: {src}:2: 'query' is null"
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no output, no work dir: nothing to resume
+
+
 def test_gpus_that_are_not_there_fail_before_any_work(rerank_proc, pairs, ce_model, tmp_path):
     proc = rerank_proc("score", pairs, "-o", str(tmp_path / "o.jsonl"), "-m", ce_model, "--devices", "cuda:0,cuda:1",
                       env={"CUDA_VISIBLE_DEVICES": ""})
