@@ -115,20 +115,17 @@ class Pool:
             slot.eof = True
         return out
 
-    def stop(self, graceful: bool, grace_s: float = 10.0) -> None:
-        """Graceful: ask each worker to finish and exit; otherwise (or past `grace_s`) terminate them."""
+    def stop(self, graceful: bool, grace_s: float = 5.0) -> None:
+        """Graceful: idle, loaded workers are asked to exit; any other (still loading, or every worker
+        when not graceful) is terminated at once. None holds anything a later run needs: parts and
+        markers appear only by atomic rename."""
         live = [s for s in self.slots if s.alive]
-        if graceful:
-            for slot in live:
-                self.send(slot, None)
-        deadline = time.monotonic() + (grace_s if graceful else 0.0)
         for slot in live:
-            slot.process.join(max(0.0, deadline - time.monotonic()))
-        for slot in live:
-            if slot.process.is_alive():
+            if not (graceful and slot.ready and slot.shard is None and self.send(slot, None)):
                 slot.process.terminate()
+        deadline = time.monotonic() + grace_s
         for slot in live:
-            slot.process.join(2.0)
+            slot.process.join(max(0.1, deadline - time.monotonic()))
             if slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join(2.0)
