@@ -62,7 +62,8 @@ def bench_scaling(data: Path, model: Path, pairs: int, rounds: int) -> dict:
         for devices in times:  # alternated, so a busy moment hurts both
             seconds, lines[devices] = run_cli(data, model, OUT / f"out-{devices.count(',') + 1}.jsonl", devices)
             times[devices].append(seconds)
-            print(f"  {devices:8} {seconds:7.2f} s  {lines[devices]}", flush=True)
+            load = os.getloadavg()[0]  # other work on the machine: a 1-minute load above ~2 starves two workers
+            print(f"  {devices:8} {seconds:7.2f} s  load {load:4.1f}  {lines[devices]}", flush=True)
     check_same_scores(OUT / "out-1.jsonl", OUT / "out-2.jsonl")
     one, two = min(times["cpu"]), min(times["cpu,cpu"])  # the least disturbed run of each (shared machine)
     return {"pairs": pairs, "one_worker_s": round(one, 2), "two_workers_s": round(two, 2),
