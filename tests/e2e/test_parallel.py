@@ -204,3 +204,20 @@ def test_one_device_with_a_work_dir_resumes_in_process(pairs, ce_model, tmp_path
     assert summary.pairs == PAIRS - 200
     assert_same_scores(read_rows(out), inline_rows)
     assert not work.exists()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+def test_two_workers_on_one_gpu_score_like_the_cpu(rerank_proc, pairs, ce_model, tmp_path, inline_rows):
+    out = tmp_path / "out.jsonl"
+    proc = rerank_proc("score", pairs, "-o", str(out), "-m", ce_model, "--devices", "cuda:0,cuda:0", "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = read_rows(out)
+    assert [r["pid"] for r in rows] == [r["pid"] for r in inline_rows]
+    assert np.allclose([r["score"] for r in rows], [r["score"] for r in inline_rows], rtol=1e-4, atol=1e-4)
