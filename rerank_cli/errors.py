@@ -20,6 +20,18 @@ class RerankError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        # Pickle by state, not by constructor arguments: errors cross process boundaries (spawned
+        # workers, Ray actors) and subclasses such as InputError take different arguments.
+        return _restore, (type(self), self.message, self.__dict__)
+
+
+def _restore(cls: type[RerankError], message: str, state: dict) -> RerankError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
+
 
 class ConfigError(RerankError):
     """A flag, preset or config file that cannot work (all problems are reported together)."""

@@ -188,9 +188,14 @@ def run_inline(cfg: RunConfig, device: str, reporter: Reporter) -> Summary:
 
 
 def describe_choices(reporter: Reporter, device: str, reranker) -> None:
+    reporter.info(choices_line(device, reranker))
+
+
+def choices_line(device: str, reranker) -> str:
+    """The precision and batch-size decisions for a device, with their reasons."""
     p = reranker.precision
-    reporter.info(f"{device}: {reranker.kind} in {p.name} ({p.reason}); "
-                  f"batches of up to {reranker.budget.tokens} padded tokens ({reranker.budget_reason})")
+    return (f"{device}: {reranker.kind} in {p.name} ({p.reason}); "
+            f"batches of up to {reranker.budget.tokens} padded tokens ({reranker.budget_reason})")
 
 
 def finish(summary: Summary, stats, rejects: RejectSink, started: float) -> Summary:

@@ -1,0 +1,169 @@
+"""Input and output of the Ray engine: Ray Data readers in, and either one file or part files out.
+
+Reads Parquet, JSONL and CSV/TSV from any path pyarrow understands (local, s3://, gs://, ...) with the
+local engine's column rules (every input column kept, CSV fields as strings, no `score` column yet),
+cut into windows of `--sort-window` rows. Writes scored windows in input order to the local engine's
+writer, where bad rows get their exact 1-based row numbers, or with Ray's writers to `--output-dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import RunConfig
+from .errors import InputError, OutputError, RerankError
+from .formats import detect_format, display_name
+from .pipeline import columns_of
+from .readers import Chunk, _check_schema, _validate_batch
+
+READ_FORMATS = ("jsonl", "parquet", "csv", "tsv")
+JSON_EXTENSIONS = ["json", "jsonl", "ndjson"] + [f"{e}.{z}" for e in ("json", "jsonl", "ndjson")
+                                                 for z in ("gz", "bz2", "zst", "lz4")]
+
+
+def read_input(ray, cfg: RunConfig):
+    """A Ray Dataset of the input, checked for its columns, in windows of at most `sort_window` rows."""
+    fmt = detect_format(cfg.input, cfg.input_format, READ_FORMATS, "input")
+    name = display_name(cfg.input)
+    try:
+        if fmt == "parquet":
+            dataset = ray.data.read_parquet(cfg.input)
+        elif fmt == "jsonl":
+            dataset = ray.data.read_json(cfg.input, file_extensions=JSON_EXTENSIONS)
+        else:
+            dataset = _read_csv(ray, cfg.input, "\t" if fmt == "tsv" else ",")
+        schema = dataset.schema()
+    except RerankError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(name, f"cannot be read as {fmt} ({_short(exc)})") from None
+    if schema is None:  # no rows at all
+        return dataset
+    _check_schema(name, schema.base_schema, columns_of(cfg))
+    return dataset.repartition(target_num_rows_per_block=cfg.sort_window)
+
+
+def _read_csv(ray, path: str, delimiter: str):
+    """CSV fields stay strings, as in the local engine (no type guessing: "007" is not 7)."""
+    import pyarrow.csv as pcsv
+
+    names = _csv_header(path, delimiter)
+    return ray.data.read_csv(
+        path, parse_options=pcsv.ParseOptions(delimiter=delimiter),
+        convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+        file_extensions=None if delimiter == "," else ["tsv", "tsv.gz"],
+    )
+
+
+def _csv_header(path: str, delimiter: str) -> list[str]:
+    """The column names on the first line of `path` (or of the first file under it)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.fs as pafs
+
+    fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    if fs.get_file_info(where).type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(where, recursive=True))
+                       if i.type == pafs.FileType.File and not Path(i.path).name.startswith((".", "_")))
+        if not files:
+            raise InputError(path, "no files in this folder")
+        where = files[0]
+    with fs.open_input_stream(where, compression="detect") as stream:
+        reader = pcsv.open_csv(stream, parse_options=pcsv.ParseOptions(delimiter=delimiter),
+                               convert_options=pcsv.ConvertOptions(column_types={}))
+        return reader.schema.names
+
+
+# --- one output file, written on the driver ----------------------------------------------------------
+
+
+def write_file(scored, cfg: RunConfig, writer, rejects, reporter) -> int:
+    """Write the scored windows to `writer` in input order; returns the rows written.
+
+    Rows arrive in order, so the driver counts them: a null query or passage (left unscored by the
+    actor) is reported with its 1-based row in the input, as the local engine does for Parquet.
+    """
+    name, columns = display_name(cfg.input), columns_of(cfg)
+    skip_bad = cfg.on_bad_row == "skip"
+    row, written, schema = 1, 0, None
+    for table in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in table.to_batches():
+            batch, schema = _same_schema(name, batch, schema, row)
+            chunk = _checked(name, batch, columns, skip_bad, row)
+            rejects.add(chunk.rejects)
+            writer.write(chunk.batch)
+            row += batch.num_rows
+            written += chunk.batch.num_rows
+    return written
+
+
+def _same_schema(name: str, batch: pa.RecordBatch, schema: pa.Schema | None, row: int):
+    """Later windows take the first window's column types (a JSON column that is all null in one
+    window comes back typed null); a window whose columns differ is an input error."""
+    if schema is None or batch.schema.equals(schema):
+        return batch, schema or batch.schema
+    try:
+        return batch.select(schema.names).cast(schema), schema
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise InputError(name, f"columns change from ({', '.join(schema.names)}) to "
+                               f"({', '.join(batch.schema.names)}) near here", row=row) from None
+
+
+def _checked(name: str, batch: pa.RecordBatch, columns, skip_bad: bool, first_row: int) -> Chunk:
+    """The readers' null check, with input row numbers; rejected rows are dropped from the output."""
+    plain = batch.drop_columns([columns.score])
+    chunk = _validate_batch(name, plain, columns, skip_bad, first_row)
+    if not chunk.rejects:
+        return Chunk(batch)
+    return Chunk(batch.filter(pc.is_valid(batch.column(columns.score))), chunk.rejects)
+
+
+# --- part files, written by Ray's writers ----------------------------------------------------------
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    if "://" in path or not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise OutputError(f"{path}: exists and is not a folder")
+    if os.listdir(path) and not overwrite:
+        raise OutputError(f"{path}: folder is not empty; pass --overwrite to replace it")
+
+
+def write_dir(scored, cfg: RunConfig, reporter) -> int:
+    """Part files in `cfg.output_dir` (their names sort in input order); returns the rows written.
+
+    A local folder is written beside its target and renamed into place at the end, so a failed run
+    leaves nothing; an object-store URI is written in place.
+    """
+    fmt = cfg.output_format or "parquet"
+    target = cfg.output_dir
+    local = "://" not in target
+    stage = str(Path(target).with_name(f".{Path(target).name}.rerank-tmp-{os.getpid()}")) if local else target
+    write = {"parquet": scored.write_parquet, "jsonl": scored.write_json, "csv": scored.write_csv}[fmt]
+    try:
+        write(stage)
+    except BaseException:
+        if local:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if local:
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(stage, target)
+    return _count_rows(target, fmt)
+
+
+def _count_rows(path: str, fmt: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format={"jsonl": "json"}.get(fmt, fmt)).count_rows()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,194 @@
+"""`--engine ray` end to end on a real local Ray cluster (CPU, no mocks).
+
+One cluster per module (`ray start --head --block`, owned by the fixture and stopped by its pid);
+each test runs the real CLI as a subprocess that joins it through RAY_ADDRESS, like a user on a
+cluster would. One test leaves RAY_ADDRESS out, so the CLI starts (and stops) its own cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rerank_cli import score_file
+from tests.conftest import ROOT, run_rerank
+
+pytest.importorskip("ray", reason="the Ray engine tests need the ray extra (make install)")
+pytestmark = pytest.mark.slow
+
+CLUSTER_CPUS = 3  # two scoring actors plus one CPU for Ray Data's read tasks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    port = _free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_head(log, head)
+        yield address
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
+def _wait_for_head(log: Path, head: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            return
+        if head.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise RuntimeError(f"ray start --head did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def ray_score(address: str | None, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # `ray start` clusters use token authentication (the token is in ~/.ray/auth_token): a client
+    # joins with RAY_AUTH_MODE=token, as the README says.
+    extra = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"} if address else {"RAY_ADDRESS": ""}
+    return run_rerank("score", *args, "--engine", "ray", env={**extra, **(env or {})}, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def local_engine(tmp_path_factory, pairs_parquet, ce_model):
+    """The local engine's output for pairs_parquet with a given --sort-window (windows decide batches,
+    and batches decide padding: the same windows give the same fp32 scores)."""
+    cache: dict[int, pa.Table] = {}
+
+    def run(window: int = 4096) -> pa.Table:
+        if window not in cache:
+            out = tmp_path_factory.mktemp("local") / "local.parquet"
+            score_file(str(pairs_parquet), str(out), model=ce_model, dtype="fp32", sort_window=window)
+            cache[window] = pq.read_table(out)
+        return cache[window]
+
+    return run
+
+
+def assert_same_scores(got: pa.Table, want: pa.Table) -> None:
+    assert got.schema.names == want.schema.names
+    assert got.schema.field("score").type == pa.float32()
+    assert got.drop_columns(["score"]).equals(want.drop_columns(["score"]))  # every column, in order
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_parquet_matches_local_engine(ray_address, pairs_parquet, ce_model, local_engine, tmp_path):
+    local_parquet = local_engine(32)
+    out = tmp_path / "out.parquet"
+    proc = ray_score(ray_address, str(pairs_parquet), "-o", str(out), "-m", ce_model, "--dtype", "fp32",
+                     "--sort-window", "32", "--ray-workers", "2")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert f"connected to Ray at {ray_address}" in err
+    assert "2 CPU scoring actor(s)" in err
+    assert "cpu: cross-encoder in fp32" in err
+    assert f"scored {local_parquet.num_rows} pairs" in err and "ray:2xcpu, fp32" in err
+    assert_same_scores(pq.read_table(out), local_parquet)
+
+
+def test_jsonl_on_its_own_local_cluster(pairs_jsonl, ce_model, local_engine, tmp_path):
+    # Default settings, as in "rerank score small.jsonl -o out.jsonl --engine ray --dtype fp32".
+    local_parquet = local_engine()
+    out = tmp_path / "out.jsonl"
+    proc = ray_score(None, str(pairs_jsonl), "-o", str(out), "-m", ce_model, "--dtype", "fp32")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "started a local Ray cluster" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert_same_scores(pa.Table.from_pylist(rows).cast(local_parquet.schema), local_parquet)
+
+
+def test_killed_actor_is_restarted_and_every_row_comes_once(ray_address, pairs_parquet, ce_model, local_engine):
+    local_parquet = local_engine(20)
+    # -o -: Ray's "worker died" console message must not land in our data on stdout.
+    proc = ray_score(ray_address, str(pairs_parquet), "-o", "-", "-m", ce_model, "--dtype", "fp32",
+                     "--sort-window", "20", "--ray-workers", "2", env={"RERANK_FAULT_RAY_KILL": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "1 scoring actor restart(s)" in err
+    rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [r["pid"] for r in rows] == local_parquet["pid"].to_pylist()  # each row once, in order
+    assert_same_scores(pa.Table.from_pylist(rows).cast(local_parquet.schema), local_parquet)
+
+
+def test_scoring_error_is_the_local_one_line_error(ray_address, pairs_parquet, ce_model, tmp_path):
+    # Every batch "runs out of memory", so the back-off ends at one pair that cannot fit: a
+    # PairTooLargeError raised inside the actor, which must reach the user as one clean line.
+    out = tmp_path / "out.parquet"
+    proc = ray_score(ray_address, str(pairs_parquet), "-o", str(out), "-m", ce_model,
+                     env={"RERANK_FAULT_OOM_TOKENS": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: row ") and "does not fit in memory on cpu even alone" in last
+    assert "Traceback" not in err and "RayTaskError" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def holey_parquet(tmp_path_factory, pairs_parquet) -> Path:
+    table = pq.read_table(pairs_parquet)
+    passages = table["passage"].to_pylist()
+    passages[49] = passages[100] = None
+    path = tmp_path_factory.mktemp("holey") / "holey.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("passage"), "passage",
+                                    pa.array(passages, pa.string())), path)
+    return path
+
+
+def test_null_passage_is_named_by_row_like_local(ray_address, holey_parquet, ce_model, tmp_path):
+    out = tmp_path / "out.parquet"
+    proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == f"error: {holey_parquet}: row 50: 'passage' is null"
+    assert not out.exists()
+
+    proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16",
+                     "--on-bad-row", "skip", "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr.decode()
+    rejects = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == ["row 50", "row 101"]
+    assert pq.read_table(out).num_rows == 118
+
+
+def test_output_dir_parts_sort_in_input_order(ray_address, pairs_parquet, ce_model, local_engine, tmp_path):
+    local_parquet = local_engine(40)
+    out = tmp_path / "scored"
+    proc = ray_score(ray_address, str(pairs_parquet), "--output-dir", str(out), "-m", ce_model,
+                     "--dtype", "fp32", "--sort-window", "40", "--ray-workers", "2")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert f"scored {local_parquet.num_rows} pairs" in err
+    parts = sorted(out.glob("*.parquet"))
+    assert len(parts) >= 2
+    assert_same_scores(pa.concat_tables(pq.read_table(p) for p in parts), local_parquet)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
