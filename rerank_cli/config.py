@@ -152,6 +152,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("--batch-tokens must be a positive number or 'auto'")
     if cfg.top_k is not None and cfg.top_k < 1:
         problems.append("--top-k must be at least 1")
+    if cfg.output_dir and cfg.engine != "ray":
+        problems.append("--output-dir works with --engine ray; use -o FILE with the local engine")
     if cfg.query_col == cfg.passage_col:
         problems.append("--query-col and --passage-col must differ")
     if problems:

@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import re
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -131,8 +133,11 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
     if address == "local":
         options["include_dashboard"] = False
     began = time.perf_counter()
+    if address != "local":
+        probe(address)
     try:
-        ray.init(address=address, **options)
+        with _fd2_hidden(os.environ.get("RERANK_DEBUG") != "1"):
+            ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
                 "RAY_AUTH_MODE=token here" if os.environ.get("RAY_AUTH_MODE") is None else "")
@@ -143,6 +148,36 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
         yield
     finally:
         ray.shutdown()
+
+
+def probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an address nothing listens at (ray.init would retry it for minutes)."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and friends: let Ray resolve them
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); is "
+                          "`ray start --head` running there, and is the address host:port?") from None
+
+
+@contextlib.contextmanager
+def _fd2_hidden(hide: bool):
+    """While Ray starts, its C++ core writes straight to file descriptor 2 (at least the line that
+    announces RAY_BACKEND_LOG_LEVEL); keep that off our stderr. Python errors still raise."""
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def runtime_env() -> dict:

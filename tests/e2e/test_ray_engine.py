@@ -40,7 +40,8 @@ def ray_address(tmp_path_factory):
     port = _free_port()
     ray_cli = Path(sys.executable).with_name("ray")
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once at teardown
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
         head = subprocess.Popen(
