@@ -39,6 +39,7 @@ MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times
 MAX_TASK_RETRIES = 3  # ...and the window it held is retried (there or on another actor)
 FORWARDED_ENV = ("RERANK_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 PUMP_EVERY_S = 0.5
+FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 DIR_FORMATS = ("parquet", "jsonl", "csv")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -68,7 +69,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> Summary:
         rejects = stack.enter_context(RejectSink(cfg)) if writer else None
         stack.enter_context(contextlib.redirect_stdout(_ReporterLines(reporter)))
         stack.enter_context(ray_session(ray, cfg, reporter))
-        stack.enter_context(data_context(ray))
+        stack.enter_context(data_context(ray, cfg))
         stack.enter_context(user_errors(ray, cfg))
         plan = plan_actors(*cluster_shape(ray), cfg)
         reporter.info(plan.describe())
@@ -128,10 +129,11 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
         yield
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    options = dict(runtime_env=runtime_env(), logging_level=logging.ERROR,
-                   log_to_driver=os.environ.get("RERANK_DEBUG") == "1")
-    if address == "local":
+    options = dict(logging_level=logging.ERROR, log_to_driver=os.environ.get("RERANK_DEBUG") == "1")
+    if address == "local":  # its workers inherit this process's environment and sys.path
         options["include_dashboard"] = False
+    else:
+        options["runtime_env"] = runtime_env()
     began = time.perf_counter()
     if address != "local":
         probe(address)
@@ -256,9 +258,12 @@ def score_dataset(dataset, cfg: RunConfig, plan: ActorPlan, log, kill):
 
 
 @contextlib.contextmanager
-def data_context(ray):
+def data_context(ray, cfg: RunConfig):
     """Ray Data settings for the run (restored after): input order, no Ray progress bars, quiet logs."""
     ctx = ray.data.DataContext.get_current()
+    footer_readers = os.environ.get(FOOTER_READERS)
+    if footer_readers is None and os.path.isfile(cfg.input):
+        os.environ[FOOTER_READERS] = "1"  # one Parquet footer to read: not Ray's default pool of 32 actors
     names = ("enable_progress_bars", "print_on_execution_start", "raise_original_map_exception")
     saved = ctx.execution_options.preserve_order, [getattr(ctx, n) for n in names]
     ctx.execution_options.preserve_order = True
@@ -274,6 +279,8 @@ def data_context(ray):
         ctx.execution_options.preserve_order = saved[0]
         for name, value in zip(names, saved[1]):
             setattr(ctx, name, value)
+        if footer_readers is None:
+            os.environ.pop(FOOTER_READERS, None)
         data_log.setLevel(level)
 
 
