@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -29,10 +29,18 @@ from dataclasses import dataclass
 
 from .config import RunConfig
 from .errors import ConfigError, InputError, RerankError, WorkerError
-from .formats import STREAM, detect_format, display_name
+from .formats import STREAM, detect_format
 from .pipeline import RejectSink, Summary, input_rows, open_output
 from .progress import Reporter
-from .ray_io import check_output_dir, read_input, write_dir, write_file
+from .ray_io import (
+    _ANSI,
+    cause_text,
+    check_output_dir,
+    explain_read_error,
+    read_input,
+    write_dir,
+    write_file,
+)
 
 INSTALL_HINT = "pip install 'rerank-cli[ray]'"
 MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times...
@@ -41,7 +49,6 @@ FORWARDED_ENV = ("RERANK_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 PUMP_EVERY_S = 0.5
 FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 DIR_FORMATS = ("parquet", "jsonl", "csv")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def import_ray():
@@ -143,7 +150,7 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
     except (ConnectionError, ValueError, RuntimeError) as exc:
         hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
                 "RAY_AUTH_MODE=token here" if os.environ.get("RAY_AUTH_MODE") is None else "")
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {_first_line(exc)}{hint}") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {cause_text(exc)}{hint}") from None
     where = "started a local Ray cluster" if address == "local" else f"connected to Ray at {address}"
     reporter.info(f"ray: {where} in {time.perf_counter() - began:.1f} s")
     try:
@@ -274,7 +281,9 @@ def data_context(ray, cfg: RunConfig):
     level = data_log.level
     data_log.setLevel(logging.CRITICAL)  # failures reach the user as our one-line errors instead
     try:
-        yield ctx
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray\.")  # tuning hints meant for Ray Data authors
+            yield ctx
     finally:
         ctx.execution_options.preserve_order = saved[0]
         for name, value in zip(names, saved[1]):
@@ -412,16 +421,13 @@ def user_error_in(ray, exc: BaseException, cfg: RunConfig) -> RerankError | None
         found.append(e)
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     for e in found:
-        if isinstance(e, (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError)):
-            return InputError(display_name(cfg.input), f"cannot be read ({_first_line(e)})")
+        if isinstance(e, (pa.ArrowInvalid, pa.ArrowTypeError, FileNotFoundError, json.JSONDecodeError)):
+            return explain_read_error(cfg, e)
     for e in found:
         if isinstance(e, ray.exceptions.RayActorError):
             return WorkerError(f"a Ray scoring actor died and stayed dead after {MAX_RESTARTS} restarts "
-                               f"({_first_line(e)}); see the Ray logs under /tmp/ray/session_latest/logs")
+                               f"({cause_text(e)}); see the Ray logs under /tmp/ray/session_latest/logs")
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 

@@ -9,6 +9,7 @@ writer, where bad rows get their exact 1-based row numbers, or with Ray's writer
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from .config import RunConfig
 from .errors import InputError, OutputError, RerankError
 from .formats import detect_format, display_name
 from .pipeline import columns_of
-from .readers import Chunk, _check_schema, _validate_batch
+from .readers import Chunk, _check_schema, _validate_batch, read_chunks
 
 READ_FORMATS = ("jsonl", "parquet", "csv", "tsv")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 JSON_EXTENSIONS = ["json", "jsonl", "ndjson"] + [f"{e}.{z}" for e in ("json", "jsonl", "ndjson")
                                                  for z in ("gz", "bz2", "zst", "lz4")]
 
@@ -41,11 +43,24 @@ def read_input(ray, cfg: RunConfig):
     except RerankError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(name, f"cannot be read as {fmt} ({_short(exc)})") from None
+        raise explain_read_error(cfg, exc) from None
     if schema is None:  # no rows at all
         return dataset
     _check_schema(name, schema.base_schema, columns_of(cfg))
     return dataset.repartition(target_num_rows_per_block=cfg.sort_window)
+
+
+def explain_read_error(cfg: RunConfig, exc: BaseException) -> RerankError:
+    """Ray's readers say little about bad input (its JSON reader even hides pyarrow's error behind a
+    fallback's); for a local file, our own reader finds the line, as the local engine would."""
+    fmt = detect_format(cfg.input, cfg.input_format, READ_FORMATS, "input")
+    if "://" not in cfg.input and os.path.isfile(cfg.input):
+        try:
+            for _ in read_chunks(cfg.input, columns_of(cfg), fmt=fmt, window=cfg.sort_window):
+                pass
+        except RerankError as err:
+            return err
+    return InputError(display_name(cfg.input), f"cannot be read as {fmt} ({cause_text(exc)})")
 
 
 def _read_csv(ray, path: str, delimiter: str):
@@ -164,6 +179,9 @@ def _count_rows(path: str, fmt: str) -> int:
     return pads.dataset(path, format={"jsonl": "json"}.get(fmt, fmt)).count_rows()
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
+def cause_text(exc: BaseException) -> str:
+    """The first line of what went wrong, under Ray's task wrappers (which keep it as `.cause`)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    text = _ANSI.sub("", str(exc)).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -113,7 +113,8 @@ def test_unreadable_input_and_dead_actors_become_user_errors():
             raise RuntimeError("read task failed") from exc
     except RuntimeError as exc:
         found = user_error_in(ray, exc, cfg())
-    assert isinstance(found, InputError) and str(found).startswith("pairs.parquet: cannot be read (JSON parse")
+    assert isinstance(found, InputError)
+    assert str(found).startswith("pairs.parquet: cannot be read as parquet (JSON parse error")
     assert isinstance(user_error_in(ray, ray.exceptions.ActorDiedError(), cfg()), WorkerError)
     assert user_error_in(ray, ValueError("a bug"), cfg()) is None
 
@@ -188,3 +189,12 @@ def test_ray_console_lines_go_to_the_reporter_without_colour():
     quiet = io.StringIO()
     _ReporterLines(Reporter(quiet=True, stream=quiet)).write("(raylet) noise\n")
     assert quiet.getvalue() == ""
+
+
+def test_unreadable_local_input_is_explained_by_our_own_reader(tmp_path):
+    from rerank_cli.ray_io import explain_read_error
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "passage": "b"}\n{"query": "a", "passage": \n')
+    err = explain_read_error(cfg(input=str(bad)), ValueError("Extra data: line 2 column 1 (char 31)"))
+    assert str(err) == f"{bad}:2: malformed JSON (Expecting value at column 1)"
