@@ -1,13 +1,10 @@
 """`--engine ray`: the same scoring job on a Ray cluster, with Ray Data doing the distribution.
 
-Owns reaching Ray (`--ray-address`, `$RAY_ADDRESS`, else a fresh local cluster), sizing the actor
-pool from the cluster's GPUs and CPUs, the Ray Data plan (read -> windows of `--sort-window` rows ->
-`ScoreWindow` actors -> in-order sink) and turning Ray's failures back into `RerankError`s. Scoring
-inside each actor is `Reranker.score_columns`, the local engine's code path (see ray_actor.py).
-
-Output is either the local engine's single file (`pipeline.open_output`, written here on the driver
-in input order, which is also where bad rows get their exact row numbers) or, with `--output-dir`, a
-folder of part files written by Ray's own parallel writers.
+Owns the run: the options Ray cannot serve, the Ray Data plan (read -> windows of `--sort-window`
+rows -> `ScoreWindow` actors -> in-order sink), actor restarts and task retries, progress and notes
+from the actors to our `Reporter`, and Ray's failures turned back into `RerankError`s. Scoring inside
+each actor is `Reranker.score_columns`, the local engine's code path (ray_actor.py); reaching the
+cluster and sizing the pool live in ray_cluster.py, reading and writing in ray_io.py.
 """
 
 from __future__ import annotations
@@ -16,36 +13,24 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
-import socket
-import sys
 import tempfile
 import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 
 from .config import RunConfig
 from .errors import ConfigError, InputError, RerankError, WorkerError
 from .formats import STREAM, detect_format
 from .pipeline import RejectSink, Summary, input_rows, open_output
 from .progress import Reporter
-from .ray_io import (
-    _ANSI,
-    cause_text,
-    check_output_dir,
-    explain_read_error,
-    read_input,
-    write_dir,
-    write_file,
-)
+from .ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
+from .ray_io import check_output_dir, explain_read_error, read_input, write_dir, write_file
 
 INSTALL_HINT = "pip install 'rerank-cli[ray]'"
 MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times...
 MAX_TASK_RETRIES = 3  # ...and the window it held is retried (there or on another actor)
-FORWARDED_ENV = ("RERANK_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 PUMP_EVERY_S = 0.5
 FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 DIR_FORMATS = ("parquet", "jsonl", "csv")
@@ -84,11 +69,11 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> Summary:
         log = ray.remote(num_cpus=0)(_run_log_class()).remote()
         scored = score_dataset(dataset, cfg, plan, log, stack.enter_context(kill_switch()))
         reporter.start(input_rows(cfg))
+        stack.callback(reporter.stop)
         with LogPump(ray, log, reporter):
-            summary.pairs = (write_file(scored, cfg, writer, rejects, reporter) if writer
-                             else write_dir(scored, cfg, reporter))
+            summary.pairs = write_file(scored, cfg, writer, rejects) if writer else write_dir(scored, cfg)
         reporter.stop()
-        finish(summary, ray.get(log.summary.remote()), plan, rejects, reporter)
+        finish(summary, ray.get(log.summary.remote()), plan, rejects, reporter, cfg.dtype)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -121,126 +106,6 @@ def check_options(cfg: RunConfig) -> None:
         raise InputError(cfg.input, "no such file")
     if cfg.output_dir:
         check_output_dir(cfg.output_dir, cfg.overwrite)
-
-
-# --- the cluster ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ray_session(ray, cfg: RunConfig, reporter: Reporter):
-    """Connected to Ray for the run: an address, $RAY_ADDRESS, else a new local cluster (shut down after).
-
-    A caller that already called `ray.init` keeps its connection.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    options = dict(logging_level=logging.ERROR, log_to_driver=os.environ.get("RERANK_DEBUG") == "1")
-    if address == "local":  # its workers inherit this process's environment and sys.path
-        options["include_dashboard"] = False
-    else:
-        options["runtime_env"] = runtime_env()
-    began = time.perf_counter()
-    if address != "local":
-        probe(address)
-    try:
-        with _fd2_hidden(os.environ.get("RERANK_DEBUG") != "1"):
-            ray.init(address=address, **options)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
-                "RAY_AUTH_MODE=token here" if os.environ.get("RAY_AUTH_MODE") is None else "")
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {cause_text(exc)}{hint}") from None
-    where = "started a local Ray cluster" if address == "local" else f"connected to Ray at {address}"
-    reporter.info(f"ray: {where} in {time.perf_counter() - began:.1f} s")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on an address nothing listens at (ray.init would retry it for minutes)."""
-    host, _, port = address.split("://")[-1].rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto" and friends: let Ray resolve them
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); is "
-                          "`ray start --head` running there, and is the address host:port?") from None
-
-
-@contextlib.contextmanager
-def _fd2_hidden(hide: bool):
-    """While Ray starts, its C++ core writes straight to file descriptor 2 (at least the line that
-    announces RAY_BACKEND_LOG_LEVEL); keep that off our stderr. Python errors still raise."""
-    if not hide:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def runtime_env() -> dict:
-    """Ship this rerank_cli to the workers and pass on the settings that steer it (HF_*, RERANK_*, ...).
-
-    Workers then run the driver's code even where the cluster has another rerank-cli (or none); they
-    still need torch and transformers installed.
-    """
-    package = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-    return {"py_modules": [package], "env_vars": env}
-
-
-def cluster_shape(ray) -> tuple[float, float, list[float]]:
-    """Total CPUs, total GPUs and the CPUs of each live node."""
-    total = ray.cluster_resources()
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return total.get("CPU", 0.0), total.get("GPU", 0.0), nodes or [total.get("CPU", 0.0)]
-
-
-@dataclass(frozen=True)
-class ActorPlan:
-    """How many scoring actors, on what, with which Ray resources."""
-
-    actors: int
-    device: str  # "cuda:0": Ray shows each GPU actor only its own GPUs
-    num_gpus: float
-    num_cpus: float
-    threads: int | None  # torch threads of a CPU actor
-
-    def describe(self) -> str:
-        if self.num_gpus:
-            return f"ray: {self.actors} scoring actors with {self.num_gpus:g} GPU each"
-        return f"ray: {self.actors} CPU scoring actor(s), {self.threads} torch threads each"
-
-
-def plan_actors(cpus: float, gpus: float, node_cpus: list[float], cfg: RunConfig) -> ActorPlan:
-    """One actor per GPU (or per `--gpus-per-worker` GPUs); without GPUs, one CPU actor per node.
-
-    CPU actors always leave one CPU of the cluster free: Ray Data's read tasks need it, and without
-    it the pipeline stalls forever.
-    """
-    cpu_only = bool(cfg.devices)  # check_options allows only cpu devices here
-    if gpus >= cfg.gpus_per_worker and not cpu_only:
-        actors = cfg.ray_workers or int(gpus // cfg.gpus_per_worker)
-        return ActorPlan(actors, "cuda:0", float(cfg.gpus_per_worker), 1.0, None)
-    actors = cfg.ray_workers or len(node_cpus)
-    actor_cpus = 1.0 if cpus >= 2 else cpus / 2
-    if actors * actor_cpus > cpus - actor_cpus:
-        raise ConfigError(f"{actors} CPU scoring actors need {actors * actor_cpus:g} CPUs plus one for "
-                          f"reading, and the Ray cluster has {cpus:g}; lower --ray-workers")
-    per_node = math.ceil(actors / len(node_cpus))
-    threads = max(1, int(min(node_cpus) // per_node))
-    return ActorPlan(actors, "cpu", 0.0, actor_cpus, threads)
 
 
 # --- the dataset -------------------------------------------------------------------------------
@@ -368,19 +233,19 @@ class _ReporterLines(io.TextIOBase):
         self.buffer_text += text
         while "\n" in self.buffer_text:
             line, self.buffer_text = self.buffer_text.split("\n", 1)
-            line = _ANSI.sub("", line).strip()
+            line = ANSI.sub("", line).strip()
             if line:
                 self.reporter.info(line)
         return len(text)
 
 
 def finish(summary: Summary, totals: dict, plan: ActorPlan, rejects: RejectSink | None,
-           reporter: Reporter) -> None:
+           reporter: Reporter, asked_dtype: str) -> None:
     restarts = max(0, totals["starts"] - plan.actors)
     if restarts:
         reporter.info(f"ray: {restarts} scoring actor restart(s); the windows they held were retried")
     summary.devices = [f"ray:{plan.actors}x{'gpu' if plan.num_gpus else 'cpu'}"]
-    summary.dtype = ",".join(sorted(set(totals["devices"].values()))) or "?"
+    summary.dtype = ",".join(sorted(set(totals["devices"].values()))) or asked_dtype  # no actor ran
     summary.backoffs, summary.fp32_reruns = totals["backoffs"], totals["fp32_reruns"]
     summary.per_device = {"actors": plan.actors, "restarts": restarts}
     if rejects is not None:

@@ -9,7 +9,6 @@ writer, where bad rows get their exact 1-based row numbers, or with Ray's writer
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from .config import RunConfig
 from .errors import InputError, OutputError, RerankError
 from .formats import detect_format, display_name
 from .pipeline import columns_of
+from .ray_cluster import cause_text
 from .readers import Chunk, _check_schema, _validate_batch, read_chunks
 
 READ_FORMATS = ("jsonl", "parquet", "csv", "tsv")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 JSON_EXTENSIONS = ["json", "jsonl", "ndjson"] + [f"{e}.{z}" for e in ("json", "jsonl", "ndjson")
                                                  for z in ("gz", "bz2", "zst", "lz4")]
 
@@ -96,7 +95,7 @@ def _csv_header(path: str, delimiter: str) -> list[str]:
 # --- one output file, written on the driver ----------------------------------------------------------
 
 
-def write_file(scored, cfg: RunConfig, writer, rejects, reporter) -> int:
+def write_file(scored, cfg: RunConfig, writer, rejects) -> int:
     """Write the scored windows to `writer` in input order; returns the rows written.
 
     Rows arrive in order, so the driver counts them: a null query or passage (left unscored by the
@@ -149,7 +148,7 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise OutputError(f"{path}: folder is not empty; pass --overwrite to replace it")
 
 
-def write_dir(scored, cfg: RunConfig, reporter) -> int:
+def write_dir(scored, cfg: RunConfig) -> int:
     """Part files in `cfg.output_dir` (their names sort in input order); returns the rows written.
 
     A local folder is written beside its target and renamed into place at the end, so a failed run
@@ -177,11 +176,3 @@ def _count_rows(path: str, fmt: str) -> int:
     import pyarrow.dataset as pads
 
     return pads.dataset(path, format={"jsonl": "json"}.get(fmt, fmt)).count_rows()
-
-
-def cause_text(exc: BaseException) -> str:
-    """The first line of what went wrong, under Ray's task wrappers (which keep it as `.cause`)."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -12,7 +12,8 @@ import pytest
 from rerank_cli.config import build_config
 from rerank_cli.errors import ConfigError, InputError, PairTooLargeError, WorkerError
 from rerank_cli.progress import Reporter
-from rerank_cli.ray_engine import _ReporterLines, check_options, plan_actors
+from rerank_cli.ray_cluster import plan_actors
+from rerank_cli.ray_engine import _ReporterLines, check_options
 
 
 def cfg(**flags):
