@@ -104,7 +104,8 @@ def write_file(scored, cfg: RunConfig, writer, rejects) -> int:
     name, columns = display_name(cfg.input), columns_of(cfg)
     skip_bad = cfg.on_bad_row == "skip"
     row, written, schema = 1, 0, None
-    for table in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+    # No prefetch: with it, each window reached us only once the next one was ready too.
+    for table in scored.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         for batch in table.to_batches():
             batch, schema = _same_schema(name, batch, schema, row)
             chunk = _checked(name, batch, columns, skip_bad, row)
