@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InputError, PairTooLargeError
+from .readers import _check_schema
 
 PROGRESS_EVERY_S = 0.5
 
@@ -124,6 +125,7 @@ class ScoreWindow:
     def __call__(self, table: pa.Table) -> pa.Table:
         if self.kill is not None:
             self.kill.maybe_die(self.windows)
+        _check_schema(self.source, table.schema, self.columns)  # each file may differ
         good = self._good_rows(table)
         rows = table.filter(good) if good is not None else table
         queries = rows.column(self.columns.query).to_pylist()

@@ -26,7 +26,7 @@ from .formats import STREAM, detect_format
 from .pipeline import RejectSink, Summary, input_rows, open_output
 from .progress import Reporter
 from .ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
-from .ray_io import check_output_dir, explain_read_error, read_input, write_dir, write_file
+from .ray_io import check_first_window, check_output_dir, explain_read_error, read_input, write_dir, write_file
 
 INSTALL_HINT = "pip install 'rerank-cli[ray]'"
 MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times...
@@ -104,6 +104,7 @@ def check_options(cfg: RunConfig) -> None:
     detect_format(cfg.input, cfg.input_format, ("jsonl", "parquet", "csv", "tsv"), "input")
     if "://" not in cfg.input and not os.path.exists(cfg.input):
         raise InputError(cfg.input, "no such file")
+    check_first_window(cfg)
     if cfg.output_dir:
         check_output_dir(cfg.output_dir, cfg.overwrite)
 

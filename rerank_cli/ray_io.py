@@ -38,15 +38,28 @@ def read_input(ray, cfg: RunConfig):
             dataset = ray.data.read_json(cfg.input, file_extensions=JSON_EXTENSIONS)
         else:
             dataset = _read_csv(ray, cfg.input, "\t" if fmt == "tsv" else ",")
-        schema = dataset.schema()
+        # Parquet's schema is in its metadata; Ray would read a JSONL or CSV file whole to find it.
+        schema = dataset.schema() if fmt == "parquet" else None
     except RerankError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise explain_read_error(cfg, exc) from None
-    if schema is None:  # no rows at all
-        return dataset
-    _check_schema(name, schema.base_schema, columns_of(cfg))
+    if schema is not None:
+        _check_schema(name, schema.base_schema, columns_of(cfg))
+    # (Local files were checked before Ray started; the actors check every window's columns.)
     return dataset.repartition(target_num_rows_per_block=cfg.sort_window)
+
+
+def check_first_window(cfg: RunConfig) -> None:
+    """Our own reader over the first window of a local input file, before Ray starts: bad input fails
+    in a second with the local engine's messages (and line numbers)."""
+    if "://" in cfg.input or not os.path.isfile(cfg.input):
+        return
+    fmt = detect_format(cfg.input, cfg.input_format, READ_FORMATS, "input")
+    chunks = read_chunks(cfg.input, columns_of(cfg), fmt=fmt, window=cfg.sort_window,
+                         skip_bad=cfg.on_bad_row == "skip")
+    next(chunks, None)
+    chunks.close()
 
 
 def explain_read_error(cfg: RunConfig, exc: BaseException) -> RerankError:

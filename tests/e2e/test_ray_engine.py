@@ -167,6 +167,8 @@ def holey_parquet(tmp_path_factory, pairs_parquet) -> Path:
 
 
 def test_null_passage_is_named_by_row_like_local(ray_address, holey_parquet, ce_model, tmp_path):
+    # --sort-window 16: the pre-check before Ray starts reads only the first window, so rows 50 and
+    # 101 reach the actors, and the driver numbers them as the windows come back.
     out = tmp_path / "out.parquet"
     proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16")
     assert proc.returncode == 2

@@ -169,6 +169,17 @@ def test_score_window_raises_on_null_rows_when_there_is_no_driver_to_number_them
         actor(pa.table({"query": ["q"], "passage": pa.array([None], pa.string())}))
 
 
+def test_score_window_checks_each_windows_columns(ce_model):
+    # Folders and object-store inputs are not read before Ray starts: each window's columns are checked.
+    from rerank_cli.ray_actor import ScoreWindow
+
+    actor = ScoreWindow(cfg(model=ce_model), "cpu", 1, _Recorder())
+    with pytest.raises(InputError, match="missing column 'passage'"):
+        actor(pa.table({"query": ["q"], "psg": ["p"]}))
+    with pytest.raises(InputError, match="column 'query' holds int64, not strings"):
+        actor(pa.table({"query": [5], "passage": ["p"]}))
+
+
 def test_kill_switch_fires_once_per_marker(tmp_path):
     from rerank_cli.ray_actor import _claim
 
