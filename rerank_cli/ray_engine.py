@@ -161,7 +161,9 @@ def data_context(ray, cfg: RunConfig):
 
 @contextlib.contextmanager
 def kill_switch():
-    """RERANK_FAULT_RAY_KILL=N (tests): one scoring actor exits hard after N windows, once per job."""
+    """RERANK_FAULT_RAY_KILL=N (tests): one scoring actor exits hard after N windows, once per job.
+
+    The marker lives in the temp folder of the node the actor runs on (here, for a local cluster)."""
     after = os.environ.get("RERANK_FAULT_RAY_KILL")
     if after is None:
         yield None
