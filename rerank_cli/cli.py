@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     import click
 
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
     except click.exceptions.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(Interrupted("interrupted; finished shards are kept for resume"))
     except RerankError as exc:
         _fail(exc)
+    else:
+        if status == Interrupted.exit_code:  # Typer returns 130 for Ctrl-C instead of raising
+            _fail(Interrupted("interrupted; no output written"))
+        if isinstance(status, int) and status:
+            sys.exit(status)
 
 
 def _fail(exc: RerankError) -> None:

@@ -148,3 +148,27 @@ def test_python_api_score_file(ce_model, pairs_parquet, tmp_path, reference_scor
     assert summary.pairs == 120 and summary.devices == ["cpu"]
     got = pq.read_table(tmp_path / "api.parquet").column("score").to_numpy()
     np.testing.assert_allclose(got, reference_scores, atol=1e-5)
+
+
+def test_ctrl_c_exits_130_and_leaves_no_output(ce_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from rerank_cli.tiny import write_pairs
+    from tests.conftest import ROOT
+
+    src = write_pairs(tmp_path / "many.parquet", 3000, seed=1)
+    out = tmp_path / "out.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "rerank_cli", "score", str(src), "-o", str(out), "-m", ce_model,
+                             "--batch-tokens", "64"], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.parquet.rerank-tmp-*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
