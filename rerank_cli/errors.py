@@ -8,6 +8,12 @@ inside as one of these, and turned into a one-line message and exit status 2 in 
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 class RerankError(Exception):
     """Base class: a problem the user can fix. `exit_code` is what the CLI exits with."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .precision import Precision, check_device, choose_dtype
 from .templates import Encoded, make_template
 
@@ -61,12 +61,7 @@ def load_config(model: str, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         where = "is not a model folder" if os.path.isdir(model) else "not found (no folder, not on the hub)"
-        raise ModelError(f"model {model!r} {where}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise ModelError(f"model {model!r} {where}: {first_line(exc)}") from None
 
 
 class BaseScorer:
@@ -225,7 +220,7 @@ def _load_tokenizer(model: str, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {model!r}: cannot load its tokenizer: {_first_line(exc)}") from None
+        raise ModelError(f"model {model!r}: cannot load its tokenizer: {first_line(exc)}") from None
     if not hasattr(tok, "backend_tokenizer"):
         raise ModelError(f"model {model!r}: needs a fast (tokenizers) tokenizer")
     return tok
@@ -243,7 +238,7 @@ def _load_weights(model: str, kind: str, precision: Precision, device: str, trus
     try:
         net = cls.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {model!r}: cannot load {kind} weights: {_first_line(exc)}") from None
+        raise ModelError(f"model {model!r}: cannot load {kind} weights: {first_line(exc)}") from None
     if device_map is None:
         net = net.to(device)
     return net.eval()

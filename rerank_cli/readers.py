@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, first_line
 from .formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
 
 
@@ -289,7 +289,7 @@ def _parquet(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str)
         batches = pf.iter_batches(batch_size=window)
         yield from _columnar(name, pf.schema_arrow, batches, columns, skip_bad)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise InputError(name, f"not a readable Parquet file ({_short(exc)})") from None
+        raise InputError(name, f"not a readable Parquet file ({first_line(exc)})") from None
 
 
 def _arrow(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -> Iterator[Chunk]:
@@ -302,7 +302,7 @@ def _arrow(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             yield from _columnar(name, reader.schema, _rebatch(batches, window), columns, skip_bad)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(name, f"not a readable Arrow file ({_short(exc)})") from None
+        raise InputError(name, f"not a readable Arrow file ({first_line(exc)})") from None
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], window: int) -> Iterator[pa.RecordBatch]:
@@ -353,7 +353,3 @@ def _columnar_reject(batch: pa.RecordBatch, i: int, first_row: int, columns: Col
     row = batch.slice(i, 1).to_pylist()[0]
     col = next(c for c in columns.required if row[c] is None)
     return Reject(f"row {first_row + i}", f"{col!r} is null", json.dumps(row, default=str))
-
-
-def _short(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
