@@ -3,6 +3,7 @@
 Owns `from_pretrained`, the choice of kind (from the config's architectures, or --kind), collation
 (right padding for encoders, left for causal LMs) and the lean LLM head: only the last position's
 hidden state times the one or two lm_head rows the score needs, never full-vocabulary logits.
+`lean.py` trims the final layer to the one position the score reads.
 Batching, back-off and order live in `batching.py`; this module scores one batch at a time.
 """
 
@@ -202,6 +203,10 @@ def load_scorer(
     tokenizer = _load_tokenizer(model, trust_remote_code)
     tmpl = make_template(kind, template, tokenizer, max_length, instruction)
     net = _load_weights(model, kind, precision, device, trust_remote_code, device_map)
+    if device_map is None:  # a layer split across devices keeps its stock forward (and accelerate's hooks)
+        from .lean import prune_last_layer
+
+        prune_last_layer(net, kind)
     cls = CrossEncoderScorer if kind == CROSS else LLMScorer
     return cls(net, tokenizer, tmpl, device, precision, normalize)
 

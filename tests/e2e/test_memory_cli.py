@@ -29,10 +29,10 @@ def test_backoff_under_injected_oom_gives_the_same_scores(cli, ce_model, pairs_5
     free, tight = tmp_path / "free.parquet", tmp_path / "tight.parquet"
     code, _, err = cli("score", str(pairs_500), "-o", str(free), "-m", ce_model)
     assert code == 0 and "back-off" not in err, err
-    monkeypatch.setenv("RERANK_FAULT_OOM_TOKENS", "3000")
+    monkeypatch.setenv("RERANK_FAULT_OOM_TOKENS", "1500")
     code, _, err = cli("score", str(pairs_500), "-o", str(tight), "-m", ce_model)
     assert code == 0, err
-    assert "cpu: out of memory at 8192 tokens; backing off to 4096" in err
+    assert "cpu: out of memory at 2048 tokens; backing off to 1024" in err
     assert err.count("backing off") == 1  # said once per device
     summary = err.strip().splitlines()[-1]
     assert "scored 500 pairs" in summary and "out-of-memory back-offs" in summary
