@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench parity clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/bench_parallel.py
 	$(BIN)/python benchmarks/bench_ray.py
+
+parity: install
+	$(BIN)/python benchmarks/parity.py
 
 clean:
 	rm -rf $(VENV) demo bench-out .pytest_cache

@@ -59,13 +59,46 @@ def corpus(seed: int, n: int = 6000) -> list[str]:
     return lines + ANSWER_WORDS * 200 + ["A: B: \n 0123456789 '\"()-:;<>/|"]
 
 
-def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A BertForSequenceClassification (one label) with a WordPiece tokenizer, saved to `path`."""
+def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "bert") -> Path:
+    """A one-label ...ForSequenceClassification reranker with a tokenizer trained here, saved to `path`.
+
+    `arch="bert"`: BERT with a WordPiece tokenizer and token types ([CLS] A [SEP] B [SEP]).
+    `arch="xlm-roberta"` (bge-reranker-v2-m3's family): XLM-RoBERTa with a Unigram tokenizer, no token
+    types, RoBERTa's pair format (<s> A </s></s> B </s>) and positions counted from the pad id.
+    """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     layers, hidden, heads, inter, vocab = SIZES["bench-ce" if size == "bench" else size]
+    hf_tok = _wordpiece_tokenizer(seed, vocab) if arch == "bert" else _unigram_tokenizer(seed, vocab)
+    out = Path(path)
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=inter, num_labels=1, pad_token_id=hf_tok.pad_token_id,
+                  initializer_range=INIT_RANGE[size[:5]])
+    if arch == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        ordered = sorted(hf_tok.backend_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in ordered), encoding="utf-8")
+        model = BertForSequenceClassification(BertConfig(max_position_embeddings=512, **common))
+    elif arch == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+        _loadable_by_transformers_4(out / "tokenizer_config.json", "XLMRobertaTokenizer")
+        cfg = XLMRobertaConfig(max_position_embeddings=514, type_vocab_size=1, bos_token_id=hf_tok.cls_token_id,
+                               eos_token_id=hf_tok.sep_token_id, **common)
+        model = XLMRobertaForSequenceClassification(cfg)
+    else:
+        raise ValueError(f"unknown cross-encoder arch {arch!r}")
+    model.eval().save_pretrained(out)
+    return out
+
+
+def _wordpiece_tokenizer(seed: int, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -78,27 +111,65 @@ def build_cross_encoder(path: str | Path, size: str = "tiny", seed: int = 0) -> 
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    hf_tok = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                               cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True, model_max_length=512)
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True, model_max_length=512)
+
+
+def _unigram_tokenizer(seed: int, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's ids: <s>=0, <pad>=1, </s>=2
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus(seed), trainers.UnigramTrainer(
+        vocab_size=vocab, special_tokens=specials, unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                     cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                     model_max_length=512, model_input_names=["input_ids", "attention_mask"])
+    return hf_tok
+
+
+def build_llm(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "qwen2") -> Path:
+    """A ...ForCausalLM yes/no reranker with a byte-level BPE tokenizer trained here, saved to `path`.
+
+    `arch="qwen2"` (Qwen3-Reranker's lineage, untied head) or `arch="gemma"` (bge-reranker-v2-gemma's
+    family: scaled embeddings, GELU MLP, tied head).
+    """
+    import torch
+
+    layers, hidden, heads, inter, vocab = SIZES["bench-llm" if size == "bench" else size]
+    hf_tok = _byte_bpe_tokenizer(seed, vocab)
     out = Path(path)
     hf_tok.save_pretrained(out)
-    ordered = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in ordered), encoding="utf-8")
+    _loadable_by_transformers_4(out / "tokenizer_config.json")
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=inter, max_position_embeddings=512,
-                     num_labels=1, pad_token_id=hf_tok.pad_token_id, initializer_range=INIT_RANGE[size[:5]])
-    BertForSequenceClassification(cfg).eval().save_pretrained(out)
+    common = dict(vocab_size=len(hf_tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                  initializer_range=INIT_RANGE[size[:5]], bos_token_id=hf_tok.bos_token_id,
+                  eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **common))
+    elif arch == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        model = GemmaForCausalLM(GemmaConfig(head_dim=hidden // heads, tie_word_embeddings=True, **common))
+    else:
+        raise ValueError(f"unknown LLM arch {arch!r}")
+    model.eval().save_pretrained(out)
     return out
 
 
-def build_llm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A Qwen2ForCausalLM yes/no reranker with a byte-level BPE tokenizer, saved to `path`."""
-    import torch
+def _byte_bpe_tokenizer(seed: int, vocab: int):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
-    layers, hidden, heads, inter, vocab = SIZES["bench-llm" if size == "bench" else size]
     specials = ["<|endoftext|>", "<|bos|>"] + CHAT_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -113,27 +184,16 @@ def build_llm(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         show_progress=False))
     for word in ("Yes", "yes", "no"):
         assert len(tok.encode(word).ids) == 1, f"{word!r} must be a single token"
-    hf_tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         additional_special_tokens=CHAT_SPECIALS, model_max_length=4096)
-    out = Path(path)
-    hf_tok.save_pretrained(out)
-    _loadable_by_transformers_4(out / "tokenizer_config.json")
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                      max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=INIT_RANGE[size[:5]],
-                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                      pad_token_id=hf_tok.pad_token_id, use_sliding_window=False)
-    Qwen2ForCausalLM(cfg).eval().save_pretrained(out)
-    return out
 
 
-def _loadable_by_transformers_4(config_path: Path) -> None:
+def _loadable_by_transformers_4(config_path: Path, cls: str = "PreTrainedTokenizerFast") -> None:
     """transformers 5 saves tokenizer_class "TokenizersBackend" and a list of extra special tokens;
-    transformers 4 (FlagEmbedding's) reads neither. Rewrite to the form both read."""
+    transformers 4 (FlagEmbedding's) reads neither. Rewrite to the form both read, naming `cls`."""
     cfg = json.loads(config_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["tokenizer_class"] = cls
     if isinstance(cfg.get("extra_special_tokens"), list):
         cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
     config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -31,6 +31,22 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def xlmr_model(models_dir) -> str:
+    """bge-reranker-v2-m3's family: XLM-RoBERTa, Unigram tokenizer, no token types."""
+    from rerank_cli.tiny import build_cross_encoder
+
+    return str(build_cross_encoder(models_dir / "ce-xlmr", arch="xlm-roberta"))
+
+
+@pytest.fixture(scope="session")
+def gemma_model(models_dir) -> str:
+    """bge-reranker-v2-gemma's family: Gemma, tied head."""
+    from rerank_cli.tiny import build_llm
+
+    return str(build_llm(models_dir / "llm-gemma", arch="gemma"))
+
+
+@pytest.fixture(scope="session")
 def ce_model(models_dir) -> str:
     return str(models_dir / "ce")
 

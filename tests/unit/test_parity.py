@@ -2,7 +2,9 @@
 
 References here are written independently of rerank_cli.templates: they use the tokenizer's own
 `__call__` and the full model output (all-vocabulary logits), one pair at a time, no padding.
-FlagEmbedding's own code is compared in benchmarks/parity.py (it needs transformers<5).
+Each runs on the BERT and Qwen2 tiny models and on the XLM-RoBERTa and Gemma ones (the families of
+bge-reranker-v2-m3 and bge-reranker-v2-gemma). FlagEmbedding's own code is compared in
+benchmarks/parity.py (it needs transformers<5, so it runs in its own venv).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ def _hf(path, cls):
     return AutoTokenizer.from_pretrained(path), model
 
 
-def test_cross_encoder_matches_full_forward(ce_model, pairs):
+@pytest.mark.parametrize("which", ["ce_model", "xlmr_model"])
+def test_cross_encoder_matches_full_forward(request, which, pairs):
+    ce_model = request.getfixturevalue(which)
     tok, model = _hf(ce_model, "AutoModelForSequenceClassification")
     short = [(q, p) for q, p in pairs if len(tok(q, add_special_tokens=False)["input_ids"]) <= 384]
     with torch.inference_mode():
@@ -63,7 +67,9 @@ def _bge_reference_ids(tok, q, p, max_length=512):
     return first + second + sep + prompt
 
 
-def test_bge_llm_matches_full_forward(llm_model, pairs):
+@pytest.mark.parametrize("which", ["llm_model", "gemma_model"])
+def test_bge_llm_matches_full_forward(request, which, pairs):
+    llm_model = request.getfixturevalue(which)
     tok, model = _hf(llm_model, "AutoModelForCausalLM")
     yes = tok("Yes", add_special_tokens=False)["input_ids"][0]
     with torch.inference_mode():
