@@ -9,8 +9,8 @@ Batching, back-off and order live in `batching.py`; this module scores one batch
 
 from __future__ import annotations
 
-import copy
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +76,6 @@ class BaseScorer:
         self.device, self.precision, self.normalize = device, precision, normalize
         self.pad_id = _pad_id(tokenizer)
         self.stats = Stats()
-        self._fp32_model = None
         fault = os.environ.get("RERANK_FAULT_OOM_TOKENS")
         self.fault_oom_tokens = int(fault) if fault else None
 
@@ -92,7 +91,8 @@ class BaseScorer:
         with torch.inference_mode():
             scores = self._scores(self.model, inputs)
             if self.precision.name == "fp16" and not torch.isfinite(scores).all():
-                scores = self._scores(self._fp32(), inputs)
+                with upcast(self.model, torch.float32):
+                    scores = self._scores(self.model, inputs)
                 self.stats.fp32_reruns += 1
             if self.normalize:
                 scores = torch.sigmoid(scores)
@@ -113,11 +113,6 @@ class BaseScorer:
         self.stats.real_tokens += sum(len(e.ids) for e in batch)
         self.stats.padded_tokens += shape[0] * shape[1]
 
-    def _fp32(self):
-        if self._fp32_model is None:
-            self._fp32_model = copy.deepcopy(self.model).float()
-        return self._fp32_model
-
     def _collate(self, batch: list[Encoded]) -> dict:
         import torch
 
@@ -135,6 +130,22 @@ class BaseScorer:
         if types is not None:
             out["token_type_ids"] = types
         return {k: torch.from_numpy(v).to(self.device) for k, v in out.items()}
+
+
+@contextmanager
+def upcast(model, dtype):
+    """Run `model` in `dtype` for a moment: floating weights and buffers are cast in place and each is
+    cast back to its own dtype after. fp16 -> fp32 -> fp16 is exact, and no second copy of the model
+    is kept (a deep copy in fp32 would keep three times the fp16 weights in memory for the rest of the run)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    saved = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for t, original in zip(tensors, saved):
+            t.data = t.data.to(original)
 
 
 def _pad_id(tokenizer) -> int:
