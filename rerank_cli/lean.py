@@ -11,11 +11,13 @@ always correct, only slower). Tests check every family against an unpruned forwa
   `FirstTokenLayer`: keys and values from every position, the query, attention output and
   feed-forward block for position 0 only. Its output has one position, which is all the
   classification heads of these families read (`hidden[:, 0]`).
-- Llama-style decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3): attention stays whole (the last
-  position attends to all), but the norm in front of the last MLP takes only the last position, so
-  the MLP runs on one row per pair. The layer's residual add then broadcasts that row over the
-  sequence: only the last position of the layer's output is meaningful, and it is the only one the
-  lean LLM head reads.
+- Llama, Mistral, Qwen2, Qwen3: the last layer becomes a `LastTokenDecoderLayer`: keys and values
+  from every position, the query (with its rotary embedding), attention output and MLP for the last
+  position only.
+- Gemma 1-3 (softcapping, scaled queries, sliding windows: their attention stays stock): the norm in
+  front of the last MLP takes only the last position, so the MLP runs on one row per pair. The
+  layer's residual add then broadcasts that row over the sequence: only the last position of the
+  layer's output is meaningful, and it is the only one the lean LLM head reads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 BERT_FAMILY = {"bert", "roberta", "xlm-roberta", "electra", "camembert"}
 DECODER_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+LAST_QUERY_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}  # plain rotary attention: query trimmed too
 
 
 def prune_last_layer(model, kind: str) -> bool:
@@ -35,11 +38,20 @@ def prune_last_layer(model, kind: str) -> bool:
         layers[-1] = FirstTokenLayer(layers[-1], returns_tuple=_layers_return_tuples())
         return True
     if kind == "llm" and getattr(config, "model_type", None) in DECODER_FAMILY:
-        last = _decoder_layers(model)[-1]
-        name = "pre_feedforward_layernorm" if hasattr(last, "pre_feedforward_layernorm") else "post_attention_layernorm"
-        setattr(last, name, LastPosition(getattr(last, name)))
+        layers = _decoder_layers(model)
+        last = layers[-1]
+        if config.model_type in LAST_QUERY_FAMILY and _plain_attention(last.self_attn):
+            layers[-1] = LastTokenDecoderLayer(last)
+        else:
+            gemma2 = hasattr(last, "pre_feedforward_layernorm")
+            name = "pre_feedforward_layernorm" if gemma2 else "post_attention_layernorm"
+            setattr(last, name, LastPosition(getattr(last, name)))
         return True
     return False
+
+
+def _plain_attention(attn) -> bool:
+    return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
 def _bert_like(model, config) -> bool:
@@ -67,12 +79,27 @@ def _decoder_layers(model):
     return body.layers
 
 
-class FirstTokenLayer(nn.Module):
+class _LayerWrapper(nn.Module):
+    """Stands in for `layer`; attributes the model reads off its layers (`attention_type`, ...) are its."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(self.layer, name)
+
+
+class FirstTokenLayer(_LayerWrapper):
     """A BERT-family encoder layer that outputs position 0 only (keys and values still see every token)."""
 
     def __init__(self, layer: nn.Module, returns_tuple: bool):
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -117,3 +144,46 @@ class LastPosition(nn.Module):
 
     def forward(self, hidden_states):
         return self.norm(hidden_states[:, -1:])
+
+
+class LastTokenDecoderLayer(_LayerWrapper):
+    """A Llama-style decoder layer (Llama, Mistral, Qwen2, Qwen3) that outputs the last position only.
+
+    Keys and values come from every position; the query, attention output, o_proj and the MLP are
+    computed for the last position, with the layer's own modules and its rotary embedding. If a
+    call brings what this does not handle (no precomputed rotary embedding, a mask of another
+    form), the stock layer runs instead.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, *args, position_embeddings=None, **kwargs):
+        mask_ok = attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 4)
+        if position_embeddings is None or not mask_ok or args:
+            return self.layer(hidden_states, attention_mask, *args, position_embeddings=position_embeddings, **kwargs)
+        layer, attn = self.layer, self.layer.self_attn
+        batch, length, _ = hidden_states.shape
+        normed = layer.input_layernorm(hidden_states)
+        query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, attn.head_dim)
+        key = attn.k_proj(normed).view(batch, length, -1, attn.head_dim)
+        value = attn.v_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        cos, sin = position_embeddings
+        query = _rotate(query.transpose(1, 2), cos[:, -1:], sin[:, -1:])
+        key = _rotate(key.transpose(1, 2), cos, sin)
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        mask = None if attention_mask is None else attention_mask[:, :, -1:, :]
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                   scale=attn.scaling)
+        hidden = hidden_states[:, -1:] + attn.o_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _rotate(x, cos, sin):
+    """The rotary embedding as Llama-style models apply it: x * cos + rotate_half(x) * sin."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -56,7 +56,7 @@ def supports_bf16(device: str) -> bool:
 
 
 def choose_dtype(requested: str, device: str) -> Precision:
-    """bf16 > fp16 > fp32 on GPUs; fp32 on CPU (reduced precision there is slow and inexact)."""
+    """bf16 > fp16 > fp32 on GPUs; fp32 on CPU (reduced precision there is inexact, and slow without AMX)."""
     kind = device_kind(device)
     if requested == "auto":
         return _auto(device, kind)
@@ -71,7 +71,7 @@ def choose_dtype(requested: str, device: str) -> Precision:
 
 def _auto(device: str, kind: str) -> Precision:
     if kind == "cpu":
-        return Precision("fp32", "cpu: bf16/fp16 matmuls are slow and inexact on CPU")
+        return Precision("fp32", _cpu_reason())
     if kind == "cuda" and supports_bf16(device):
         return Precision("bf16", f"{device_label(device)} supports bf16 (wider range than fp16)")
     if kind in ("cuda", "mps"):
@@ -96,3 +96,13 @@ def check_device(device: str) -> None:
             raise DeviceError(f"{device}: MPS is not available; use --device cpu")
     else:
         raise DeviceError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
+
+
+def _cpu_reason() -> str:
+    """Why fp32 on this CPU: bf16 is inexact everywhere, and slow unless the CPU has AMX tiles."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if amx:
+        return "cpu: fp32 keeps scores exact; this CPU has AMX, so --dtype bf16 is faster but rounds"
+    return "cpu: bf16/fp16 matmuls are slow and inexact on CPU"

@@ -23,6 +23,7 @@ from rerank_cli import score_file
 from rerank_cli.config import build_config
 from rerank_cli.errors import Interrupted
 from rerank_cli.pipeline import run
+from rerank_cli.precision import choose_dtype
 from rerank_cli.progress import Reporter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,10 +153,11 @@ def test_dry_run_prints_the_plan_and_scores_nothing(rerank_proc, pairs, ce_model
     proc = rerank_proc("score", pairs, "-o", str(out), "-m", ce_model, "--devices", "cpu,cpu", "--shard-rows", "50",
                       "--dry-run")
     assert proc.returncode == 0, proc.stderr.decode()
+    why = choose_dtype("auto", "cpu").reason  # names AMX where the CPU has it
     assert proc.stdout.decode().splitlines() == [
         "plan: 2 worker(s) on 2 device(s)",
-        "  worker 0 (cpu): fp32 (cpu: bf16/fp16 matmuls are slow and inexact on CPU); 1 CPU thread(s)",
-        "  worker 1 (cpu): fp32 (cpu: bf16/fp16 matmuls are slow and inexact on CPU); 1 CPU thread(s)",
+        f"  worker 0 (cpu): fp32 ({why}); 1 CPU thread(s)",
+        f"  worker 1 (cpu): fp32 ({why}); 1 CPU thread(s)",
         f"  input: {PAIRS} pairs in 5 shard(s) of up to 50 pairs, handed out as workers free up",
         f"  work dir: {tmp_path / '.out.jsonl.rerank-work'}",
         "nothing scored (--dry-run)",
