@@ -117,7 +117,7 @@ class FirstTokenLayer(_LayerWrapper):
         key = split(attn.key(hidden_states), length)
         value = split(attn.value(hidden_states), length)
         context = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=_first_row_mask(attention_mask, query.dtype)
+            query, key, value, attn_mask=_query_row_mask(attention_mask, 0, query.dtype)
         )
         context = context.transpose(1, 2).reshape(batch, 1, heads * size)
         attended = layer.attention.output(context, first)
@@ -125,13 +125,13 @@ class FirstTokenLayer(_LayerWrapper):
         return (out,) if self.returns_tuple else out
 
 
-def _first_row_mask(mask, dtype):
-    """The mask row for query position 0, in a form scaled_dot_product_attention takes (or None)."""
+def _query_row_mask(mask, position: int, dtype):
+    """The mask row for one query position (0 or -1), in a form scaled_dot_product_attention takes."""
     if mask is None:
         return None
     if mask.dim() == 2:  # [batch, keys] of 1/0 (flash-attention style): True where a key may be attended
         return mask[:, None, None, :].bool()
-    row = mask[:, :, :1, :]  # [batch, 1, queries or 1, keys]: bool, or additive float
+    row = mask.narrow(2, position % mask.shape[2], 1)  # of [batch, 1, queries or 1, keys]: bool or additive float
     return row if row.dtype == torch.bool else row.to(dtype)
 
 
@@ -173,9 +173,7 @@ class LastTokenDecoderLayer(_LayerWrapper):
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        mask = None if attention_mask is None else attention_mask[:, :, -1:, :]
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(query.dtype)
+        mask = _query_row_mask(attention_mask, -1, query.dtype)
         context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                    scale=attn.scaling)
         hidden = hidden_states[:, -1:] + attn.o_proj(context.transpose(1, 2).reshape(batch, 1, -1))

@@ -128,10 +128,9 @@ def _unigram_tokenizer(seed: int, vocab: int):
         vocab_size=vocab, special_tokens=specials, unk_token="<unk>", show_progress=False))
     tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
                                                       ("<s>", tok.token_to_id("<s>")))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                     cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                     model_max_length=512, model_input_names=["input_ids", "attention_mask"])
-    return hf_tok
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                   model_max_length=512, model_input_names=["input_ids", "attention_mask"])
 
 
 def build_llm(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "qwen2") -> Path:
