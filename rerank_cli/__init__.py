@@ -10,16 +10,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = ["Reranker", "score_file", "RerankError", "__version__"]
 
-from .errors import RerankError
+from rerank_cli.errors import RerankError
 
 
 def __getattr__(name: str):
     if name == "Reranker":
-        from .reranker import Reranker
+        from rerank_cli.reranker import Reranker
 
         return Reranker
     if name == "score_file":
-        from .pipeline import score_file
+        from rerank_cli.pipeline import score_file
 
         return score_file
     raise AttributeError(name)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .errors import PairTooLargeError
+from rerank_cli.errors import PairTooLargeError
 
 GROW_AFTER = 8  # good batches in a row before the budget grows again
 GROW_FACTOR = 1.25

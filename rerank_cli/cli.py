@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from .errors import ConfigError, Interrupted, RerankError
+from rerank_cli.errors import ConfigError, Interrupted, RerankError
 
 app = typer.Typer(
     name="rerank",
@@ -117,9 +117,9 @@ def score(
         flags["devices"] = device
     for name in ("overwrite", "dry_run", "quiet"):
         flags[name] = flags[name] or None
-    from .config import build_config
-    from .pipeline import run
-    from .progress import Reporter
+    from rerank_cli.config import build_config
+    from rerank_cli.pipeline import run
+    from rerank_cli.progress import Reporter
 
     cfg = build_config(flags, preset, config)
     reporter = Reporter(quiet=cfg.quiet)
@@ -148,9 +148,9 @@ def probe_memory(
     """Find the largest batch (padded tokens) each device fits, and cache it for `rerank score`."""
     if device and devices:
         raise ConfigError("use --device or --devices, not both")
-    from .config import build_config
-    from .memory import parse_memory
-    from .progress import Reporter
+    from rerank_cli.config import build_config
+    from rerank_cli.memory import parse_memory
+    from rerank_cli.progress import Reporter
 
     flags = {"model": model, "max_length": max_length, "dtype": dtype, "kind": kind, "template": template,
              "trust_remote_code": trust_remote_code, "devices": device or devices}
@@ -160,9 +160,9 @@ def probe_memory(
     size = parse_memory(memory) if memory else None
     if size is not None and not estimate:
         raise ConfigError("--memory is for --estimate; a probe measures the device itself")
-    from .plan import resolve_devices
-    from .probe import probe_memory as probe
-    from .probe import render_table
+    from rerank_cli.plan import resolve_devices
+    from rerank_cli.probe import probe_memory as probe
+    from rerank_cli.probe import render_table
 
     targets = list(cfg.devices) or (["cuda"] if estimate else resolve_devices(cfg))
     results = probe(cfg, targets, headroom, estimate, size, log=Reporter().info)
@@ -179,7 +179,7 @@ def probe_memory(
 @app.command()
 def presets() -> None:
     """List the presets in configs/ with their model and kind."""
-    from .config import list_presets, load_preset
+    from rerank_cli.config import list_presets, load_preset
 
     for name in list_presets():
         p = load_preset(name)
@@ -210,9 +210,9 @@ def rank(
 ) -> None:
     """Rank an already scored file: per query, best score first, a 1-based rank, the top K kept."""
     flags = {**locals(), "overwrite": overwrite or None, "quiet": quiet or None}
-    from .config import build_config
-    from .progress import Reporter
-    from .ranking import run_rank
+    from rerank_cli.config import build_config
+    from rerank_cli.progress import Reporter
+    from rerank_cli.ranking import run_rank
 
     cfg = build_config(flags)
     reporter = Reporter(quiet=cfg.quiet)
@@ -237,9 +237,9 @@ def eval_(
     input_format: str | None = typer.Option(None, help="RUN's format: trec|jsonl|parquet|csv|tsv|arrow."),
 ) -> None:
     """Evaluate a ranking against qrels: nDCG@10, MRR@10, MAP, Recall@10/100, beside a baseline."""
-    from .eval_report import print_report
-    from .evaluation import evaluate_files
-    from .runs import RunColumns
+    from rerank_cli.eval_report import print_report
+    from rerank_cli.evaluation import evaluate_files
+    from rerank_cli.runs import RunColumns
 
     columns = RunColumns(score=score_col, group=group_col, doc=doc_col, query=query_col)
     report = evaluate_files(run, qrels, baseline=baseline, baseline_input_order=baseline_input_order,

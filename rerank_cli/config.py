@@ -14,7 +14,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import ConfigError
+from rerank_cli.errors import ConfigError
 
 KINDS = ("auto", "cross-encoder", "llm")
 DTYPES = ("auto", "fp32", "fp16", "bf16")

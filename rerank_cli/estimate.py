@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ModelError
+from rerank_cli.errors import ModelError
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INPUT_BYTES = 24  # int64 input ids, attention mask and token types / positions, per token

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, InputError
-from .runs import LoadedRun, Qrels, Run, RunColumns, load_run, read_qrels
+from rerank_cli.errors import ConfigError, InputError
+from rerank_cli.runs import LoadedRun, Qrels, Run, RunColumns, load_run, read_qrels
 
 # (label shown to users, ir-measures name)
 MEASURES = (

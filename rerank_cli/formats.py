@@ -9,7 +9,7 @@ import sys
 from pathlib import PurePath
 from typing import BinaryIO
 
-from .errors import ConfigError
+from rerank_cli.errors import ConfigError
 
 READ_FORMATS = ("jsonl", "parquet", "csv", "tsv", "arrow")
 WRITE_FORMATS = ("jsonl", "parquet", "csv", "tsv", "arrow", "trec")

@@ -16,7 +16,7 @@ import re
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from rerank_cli.errors import ConfigError
 
 CPU_TOKENS = 2048  # measured best on CPU: bigger batches spill the caches (8192 is 14-20% slower)
 GPU_SAFE_FRACTION = 0.8  # of the free memory after loading, when nothing was probed
@@ -96,7 +96,7 @@ def initial_budget(scorer, model: str, device: str, max_length: int, requested: 
     """The padded-token budget to start from, and why."""
     if requested:
         return requested, "--batch-tokens"
-    from .precision import device_label
+    from rerank_cli.precision import device_label
 
     name = device_label(device)
     entry = cached_budget(model, name, scorer.precision.name, max_length)
@@ -127,7 +127,7 @@ def cpu_default(scorer, max_length: int) -> tuple[int, str]:
 
 
 def per_token_bytes(scorer, width: int) -> float:
-    from .estimate import activation_bytes_per_token, shape_of
+    from rerank_cli.estimate import activation_bytes_per_token, shape_of
 
     return activation_bytes_per_token(shape_of(scorer.model.config, scorer.kind), width, scorer.precision.name)
 

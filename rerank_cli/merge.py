@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import WorkerError
+from rerank_cli.errors import WorkerError
 
 
 class OrderedMerge:

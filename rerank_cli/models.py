@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ModelError, first_line
-from .precision import Precision, check_device, choose_dtype
-from .templates import Encoded, make_template
+from rerank_cli.errors import ModelError, first_line
+from rerank_cli.precision import Precision, check_device, choose_dtype
+from rerank_cli.templates import Encoded, make_template
 
 CROSS, LLM = "cross-encoder", "llm"
 
@@ -215,7 +215,7 @@ def load_scorer(
     tmpl = make_template(kind, template, tokenizer, max_length, instruction)
     net = _load_weights(model, kind, precision, device, trust_remote_code, device_map)
     if device_map is None:  # a layer split across devices keeps its stock forward (and accelerate's hooks)
-        from .lean import prune_last_layer
+        from rerank_cli.lean import prune_last_layer
 
         prune_last_layer(net, kind)
     cls = CrossEncoderScorer if kind == CROSS else LLMScorer

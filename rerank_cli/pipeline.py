@@ -15,12 +15,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import RunConfig, build_config
-from .errors import ConfigError
-from .progress import Reporter
-from .ranking import check_ranking_columns, open_ranked_output, wants_ranking
-from .readers import Chunk, Columns, read_chunks
-from .writers import check_output_path, open_writer, write_rejects
+from rerank_cli.config import RunConfig, build_config
+from rerank_cli.errors import ConfigError
+from rerank_cli.progress import Reporter
+from rerank_cli.ranking import check_ranking_columns, open_ranked_output, wants_ranking
+from rerank_cli.readers import Chunk, Columns, read_chunks
+from rerank_cli.writers import check_output_path, open_writer, write_rejects
 
 
 @dataclass
@@ -69,22 +69,22 @@ def score_file(input: str, output: str = "-", *, model: str, **options: Any) -> 
 
 def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     """Dispatch a validated config to its executor."""
-    from .memory import set_allocator_env
+    from rerank_cli.memory import set_allocator_env
 
     set_allocator_env()  # before any CUDA use, here and in the workers that inherit the environment
     if not cfg.model:
         raise ConfigError("no model: pass --model PATH_OR_HUB_ID or --preset NAME")
     check_output_path(cfg.output, [cfg.input], cfg.overwrite)
     if cfg.engine == "ray":
-        from .ray_engine import run_ray
+        from rerank_cli.ray_engine import run_ray
 
         return run_ray(cfg, reporter)
-    from .plan import resolve_devices
-    from .workdir import left_by_earlier_run
+    from rerank_cli.plan import resolve_devices
+    from rerank_cli.workdir import left_by_earlier_run
 
     devices = resolve_devices(cfg)
     if len(devices) > 1 or cfg.dry_run or cfg.work_dir or cfg.gpus_per_worker > 1 or left_by_earlier_run(cfg):
-        from .workers import run_parallel
+        from rerank_cli.workers import run_parallel
 
         return run_parallel(cfg, devices, reporter)
     return run_inline(cfg, devices[0], reporter)
@@ -166,7 +166,7 @@ class RejectSink:
 
 def run_inline(cfg: RunConfig, device: str, reporter: Reporter) -> Summary:
     """One device, no subprocess: the path to read when debugging."""
-    from .reranker import Reranker
+    from rerank_cli.reranker import Reranker
 
     started = time.perf_counter()
     columns = columns_of(cfg)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import Shard, WorkerSpec
+from rerank_cli.plan import Shard, WorkerSpec
 
 
 @dataclass(eq=False)
@@ -66,7 +66,7 @@ class Pool:
     def start(self, slot: Slot) -> None:
         """(Re)start the worker of `slot`. Ctrl-C is ignored while it starts, so the child begins
         life ignoring it too (the parent alone decides when workers stop)."""
-        from .shard_worker import worker_main
+        from rerank_cli.shard_worker import worker_main
 
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_main, args=(child_end, slot.spec, *self.args),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import DeviceError
+from rerank_cli.errors import DeviceError
 
 NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

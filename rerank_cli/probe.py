@@ -20,9 +20,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from .batching import free_memory, try_forward
-from .errors import PairTooLargeError
-from .precision import Precision, choose_dtype, device_kind, device_label
+from rerank_cli.batching import free_memory, try_forward
+from rerank_cli.errors import PairTooLargeError
+from rerank_cli.precision import Precision, choose_dtype, device_kind, device_label
 
 CPU_MAX_TOKENS = 65536
 GPU_MAX_TOKENS = 1 << 20
@@ -106,7 +106,7 @@ def synthetic_batch(row, rows: int) -> list:
     """`rows` copies of `row`, the last one token short so the batch is padded like real ones."""
     if rows == 1:
         return [row]
-    from .templates import Encoded
+    from rerank_cli.templates import Encoded
 
     short = Encoded(row.ids[:-1], row.type_ids[:-1] if row.type_ids is not None else None)
     return [row] * (rows - 1) + [short]
@@ -130,7 +130,7 @@ class Device:
             import torch
 
             return torch.cuda.get_device_properties(torch.device(self.device)).total_memory
-        from .memory import total_ram
+        from rerank_cli.memory import total_ram
 
         return total_ram()
 
@@ -214,15 +214,15 @@ def native_stderr_silenced():
 def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool = False,
                  memory: int | None = None, log: Callable[[str], None] | None = None) -> list[ProbeResult]:
     """Probe (or, with `estimate`, work out from the config) each device's largest batch."""
-    from .errors import ConfigError
-    from .memory import set_allocator_env
+    from rerank_cli.errors import ConfigError
+    from rerank_cli.memory import set_allocator_env
 
     set_allocator_env()
     if not 0 <= headroom < 1:
         raise ConfigError(f"--headroom must be at least 0 and below 1 (got {headroom})")
     log = log or (lambda msg: None)
     if estimate:
-        from .models import detect_kind, load_config
+        from rerank_cli.models import detect_kind, load_config
 
         config = load_config(cfg.model, cfg.trust_remote_code)
         kind = detect_kind(config, cfg.kind, cfg.model)
@@ -235,8 +235,8 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
 
 
 def probe_device(cfg, device: str, headroom: float, log: Callable[[str], None]) -> ProbeResult:
-    from .memory import cache_key, write_cache
-    from .models import load_scorer
+    from rerank_cli.memory import cache_key, write_cache
+    from rerank_cli.models import load_scorer
 
     scorer = load_scorer(cfg.model, device, kind=cfg.kind, dtype=cfg.dtype, template=cfg.template,
                          max_length=cfg.max_length, instruction=cfg.instruction,
@@ -265,7 +265,7 @@ def search_cap(scorer, dev: Device, width: int, headroom: float) -> tuple[int, s
     """Most rows worth trying: GPU_MAX_TOKENS on GPUs; on the CPU CPU_MAX_TOKENS or the RAM estimate."""
     if dev.cuda:
         return max(1, GPU_MAX_TOKENS // width), "cap"
-    from .memory import available_ram, per_token_bytes
+    from rerank_cli.memory import available_ram, per_token_bytes
 
     cap = max(1, CPU_MAX_TOKENS // width)
     ram = available_ram()
@@ -278,7 +278,7 @@ def search_cap(scorer, dev: Device, width: int, headroom: float) -> tuple[int, s
 
 def estimate_device(cfg, config, kind: str, device: str, headroom: float, memory: int | None,
                     log: Callable[[str], None]) -> ProbeResult:
-    from .estimate import CUDA_RESERVE, estimate, shape_of
+    from rerank_cli.estimate import CUDA_RESERVE, estimate, shape_of
 
     cuda, here = device_kind(device) == "cuda", device_present(device)
     p = estimate_precision(cfg.dtype, device, here)

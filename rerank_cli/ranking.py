@@ -29,9 +29,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError, OutputError
-from .formats import WRITE_FORMATS, detect_format, display_name
-from .writers import Writer, check_output_path, open_writer, register_writer
+from rerank_cli.errors import InputError, OutputError
+from rerank_cli.formats import WRITE_FORMATS, detect_format, display_name
+from rerank_cli.writers import Writer, check_output_path, open_writer, register_writer
 
 RANK_COL = "rank"
 TREC = "trec"
@@ -312,14 +312,14 @@ def rank_file(input: str, output: str = "-", *, top_k: int | None = None, **opti
     Options are `RunConfig` fields: score_col, group_col, query_col, doc_col, run_tag, input_format,
     output_format, overwrite.
     """
-    from .config import build_config
+    from rerank_cli.config import build_config
 
     return run_rank(build_config({"input": input, "output": output, "top_k": top_k, **options}))
 
 
 def run_rank(cfg, log: Callable[[str], None] = lambda _: None) -> RankSummary:
     """`rerank rank` for a validated config (input, output, top_k, columns, formats)."""
-    from .readers import Columns, read_chunks
+    from rerank_cli.readers import Columns, read_chunks
 
     started = time.perf_counter()
     check_output_path(cfg.output, [cfg.input], cfg.overwrite)

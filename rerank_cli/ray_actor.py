@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import InputError, PairTooLargeError
-from .readers import _check_schema
+from rerank_cli.errors import InputError, PairTooLargeError
+from rerank_cli.readers import _check_schema
 
 PROGRESS_EVERY_S = 0.5
 
@@ -105,8 +105,8 @@ class ScoreWindow:
 
     def __init__(self, cfg, device: str, threads: int | None, log, kill: KillSwitch | None = None,
                  raise_on_bad: bool = False, device_map: str | None = None):
-        from .pipeline import choices_line, columns_of
-        from .reranker import Reranker
+        from rerank_cli.pipeline import choices_line, columns_of
+        from rerank_cli.reranker import Reranker
 
         if threads:
             import torch

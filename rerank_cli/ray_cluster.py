@@ -18,9 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import RunConfig
-from .errors import ConfigError
-from .progress import Reporter
+from rerank_cli.config import RunConfig
+from rerank_cli.errors import ConfigError
+from rerank_cli.progress import Reporter
 
 FORWARDED_ENV = ("RERANK_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 

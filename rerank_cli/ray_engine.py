@@ -20,13 +20,20 @@ import time
 import uuid
 import warnings
 
-from .config import RunConfig
-from .errors import ConfigError, InputError, RerankError, WorkerError
-from .formats import STREAM, detect_format
-from .pipeline import RejectSink, Summary, input_rows, open_output
-from .progress import Reporter
-from .ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
-from .ray_io import check_first_window, check_output_dir, explain_read_error, read_input, write_dir, write_file
+from rerank_cli.config import RunConfig
+from rerank_cli.errors import ConfigError, InputError, RerankError, WorkerError
+from rerank_cli.formats import STREAM, detect_format
+from rerank_cli.pipeline import RejectSink, Summary, input_rows, open_output
+from rerank_cli.progress import Reporter
+from rerank_cli.ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
+from rerank_cli.ray_io import (
+    check_first_window,
+    check_output_dir,
+    explain_read_error,
+    read_input,
+    write_dir,
+    write_file,
+)
 
 INSTALL_HINT = "pip install 'rerank-cli[ray]'"
 MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times...
@@ -114,7 +121,7 @@ def check_options(cfg: RunConfig) -> None:
 
 def score_dataset(dataset, cfg: RunConfig, plan: ActorPlan, log, kill):
     """`dataset` with a score column, computed by a pool of `ScoreWindow` actors."""
-    from .ray_actor import ScoreWindow
+    from rerank_cli.ray_actor import ScoreWindow
 
     kwargs = dict(cfg=cfg, device=plan.device, threads=plan.threads, log=log, kill=kill,
                   raise_on_bad=bool(cfg.output_dir))
@@ -168,7 +175,7 @@ def kill_switch():
     if after is None:
         yield None
         return
-    from .ray_actor import KillSwitch
+    from rerank_cli.ray_actor import KillSwitch
 
     marker = os.path.join(tempfile.gettempdir(), f"rerank-ray-kill-{uuid.uuid4().hex}")
     try:
@@ -179,7 +186,7 @@ def kill_switch():
 
 
 def _run_log_class():
-    from .ray_actor import RunLog
+    from rerank_cli.ray_actor import RunLog
 
     return RunLog
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .batching import TokenBudget, score_window
-from .errors import InputError
+from rerank_cli.batching import TokenBudget, score_window
+from rerank_cli.errors import InputError
 
 WINDOW = 4096
 
@@ -41,8 +41,8 @@ class Reranker:
         device_map: dict | str | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        from .memory import initial_budget
-        from .models import load_scorer
+        from rerank_cli.memory import initial_budget
+        from rerank_cli.models import load_scorer
 
         self.model_name = model
         self.device = device or default_device()

@@ -16,9 +16,9 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from .errors import InputError
-from .formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
-from .ranking import RANK_COL, RankSpec, TopK
+from rerank_cli.errors import InputError
+from rerank_cli.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
+from rerank_cli.ranking import RANK_COL, RankSpec, TopK
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -132,7 +132,7 @@ def read_trec_run(path: str) -> LoadedRun:
 
 def read_scored(path: str, columns: RunColumns, fmt: str | None = None) -> tuple[LoadedRun, LoadedRun]:
     """A scored table as two runs: ranked by score (the reranker), and in input order (the first stage)."""
-    from .readers import Columns, read_chunks
+    from rerank_cli.readers import Columns, read_chunks
 
     spec = RankSpec(score=columns.score, group=columns.group, query=columns.query, doc=columns.doc,
                     trec=True, source=path)
@@ -201,7 +201,7 @@ def _table_qrels(path: str, doc_col: str, fmt: str) -> Qrels:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .readers import Columns, read_chunks
+    from rerank_cli.readers import Columns, read_chunks
 
     name = display_name(path)
     qrels: Qrels = {}

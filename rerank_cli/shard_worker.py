@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, RerankError
+from rerank_cli.errors import ConfigError, RerankError
 
 KILL_STATUS = 86  # the exit status of a RERANK_FAULT_KILL worker, to tell it from real crashes
 DEVICE_FAULTS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "NCCL")
@@ -79,7 +79,7 @@ def worker_main(conn, spec, cfg, folder: str, run_id: str, faults: tuple[Fault, 
     shard = None
     try:
         device, device_map = _pin(spec)
-        from .reranker import Reranker
+        from rerank_cli.reranker import Reranker
 
         reranker = Reranker.from_config(cfg, device, log=lambda m: conn.send(("info", m)), device_map=device_map)
         conn.send(("ready", _describe(reranker)))
@@ -93,7 +93,7 @@ def worker_main(conn, spec, cfg, folder: str, run_id: str, faults: tuple[Fault, 
 
 
 def _score_shard(reranker, cfg, folder: Path, shard, counter) -> dict:
-    from .workdir import read_arrow, shard_name, write_part
+    from rerank_cli.workdir import read_arrow, shard_name, write_part
 
     started = time.perf_counter()
     before = (reranker.stats.backoffs, reranker.stats.fp32_reruns)

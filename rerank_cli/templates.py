@@ -167,7 +167,7 @@ def make_template(kind: str, name: str | None, tokenizer, max_length: int, instr
         return CrossEncoderTemplate(tokenizer, max_length)
     name = name or "bge"
     if name not in LLM_TEMPLATES:
-        from .errors import ConfigError
+        from rerank_cli.errors import ConfigError
 
         raise ConfigError(f"unknown --template {name!r} (known: {', '.join(LLM_TEMPLATES)})")
     return LLM_TEMPLATES[name](tokenizer, max_length, instruction)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import ConfigError
+from rerank_cli.errors import ConfigError
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
