@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.errors import InputError, OutputError
-from rerank_cli.formats import WRITE_FORMATS, detect_format, display_name
-from rerank_cli.writers import Writer, check_output_path, open_writer, register_writer
+from rerank_cli.io.formats import WRITE_FORMATS, detect_format, display_name
+from rerank_cli.io.writers import Writer, check_output_path, open_writer, register_writer
 
 RANK_COL = "rank"
 TREC = "trec"
@@ -319,7 +319,7 @@ def rank_file(input: str, output: str = "-", *, top_k: int | None = None, **opti
 
 def run_rank(cfg, log: Callable[[str], None] = lambda _: None) -> RankSummary:
     """`rerank rank` for a validated config (input, output, top_k, columns, formats)."""
-    from rerank_cli.readers import Columns, read_chunks
+    from rerank_cli.io.readers import Columns, read_chunks
 
     started = time.perf_counter()
     check_output_path(cfg.output, [cfg.input], cfg.overwrite)

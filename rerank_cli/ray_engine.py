@@ -22,7 +22,7 @@ import warnings
 
 from rerank_cli.config import RunConfig
 from rerank_cli.errors import ConfigError, InputError, RerankError, WorkerError
-from rerank_cli.formats import STREAM, detect_format
+from rerank_cli.io.formats import STREAM, detect_format
 from rerank_cli.pipeline import RejectSink, Summary, input_rows, open_output
 from rerank_cli.progress import Reporter
 from rerank_cli.ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from rerank_cli.errors import InputError
-from rerank_cli.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
+from rerank_cli.io.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
 from rerank_cli.ranking import RANK_COL, RankSpec, TopK
 
 Run = dict[str, dict[str, float]]
@@ -132,7 +132,7 @@ def read_trec_run(path: str) -> LoadedRun:
 
 def read_scored(path: str, columns: RunColumns, fmt: str | None = None) -> tuple[LoadedRun, LoadedRun]:
     """A scored table as two runs: ranked by score (the reranker), and in input order (the first stage)."""
-    from rerank_cli.readers import Columns, read_chunks
+    from rerank_cli.io.readers import Columns, read_chunks
 
     spec = RankSpec(score=columns.score, group=columns.group, query=columns.query, doc=columns.doc,
                     trec=True, source=path)
@@ -201,7 +201,7 @@ def _table_qrels(path: str, doc_col: str, fmt: str) -> Qrels:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from rerank_cli.readers import Columns, read_chunks
+    from rerank_cli.io.readers import Columns, read_chunks
 
     name = display_name(path)
     qrels: Qrels = {}

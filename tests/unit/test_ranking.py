@@ -13,8 +13,8 @@ import pytest
 
 from rerank_cli.config import build_config
 from rerank_cli.errors import InputError, OutputError
+from rerank_cli.io.readers import Columns, read_chunks
 from rerank_cli.ranking import RankingWriter, RankSpec, TopK, open_ranked_output, rank_file, run_rank, wants_ranking
-from rerank_cli.readers import Columns, read_chunks
 
 
 def table(rows: list[dict]) -> pa.RecordBatch:

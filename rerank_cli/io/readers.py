@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.errors import ConfigError, InputError, first_line
-from rerank_cli.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
+from rerank_cli.io.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.errors import OutputError
-from rerank_cli.formats import STREAM, WRITE_FORMATS, detect_format
+from rerank_cli.io.formats import STREAM, WRITE_FORMATS, detect_format
 
 
 def check_output_path(output: str, inputs: list[str], overwrite: bool) -> None:
