@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def setup(pairs: int) -> tuple[Path, Path]:
-    from rerank_cli.tiny import build_cross_encoder, write_pairs
+    from rerank_cli.model.tiny import build_cross_encoder, write_pairs
 
     OUT.mkdir(parents=True, exist_ok=True)
     model, data = OUT / "bench-ce", OUT / f"pairs-{pairs}.parquet"

@@ -33,11 +33,11 @@ RAY_UP = re.compile(r"ray: (?:started a local Ray cluster|connected to Ray at \S
 
 
 def prepare(work: Path, size: str, pairs: int) -> tuple[Path, Path]:
-    """The model and the pair file (built once with rerank_cli.tiny, then reused)."""
+    """The model and the pair file (built once with rerank_cli.model.tiny, then reused)."""
     model, data = work / f"{size}-ce", work / f"pairs-{pairs}.parquet"
     if not model.exists() or not data.exists():
         sys.path.insert(0, str(ROOT))
-        from rerank_cli.tiny import build_cross_encoder, write_pairs
+        from rerank_cli.model.tiny import build_cross_encoder, write_pairs
 
         work.mkdir(parents=True, exist_ok=True)
         build_cross_encoder(model, size)

@@ -17,7 +17,7 @@ import sys
 
 from run import OUT, PEERS, peer_python
 
-FAMILIES = {  # name: (kind: ce or llm, arch for rerank_cli.tiny, tolerance)
+FAMILIES = {  # name: (kind: ce or llm, arch for rerank_cli.model.tiny, tolerance)
     "bert": ("ce", "bert", 1e-5),
     "xlm-roberta": ("ce", "xlm-roberta", 1e-5),
     "qwen2": ("llm", "qwen2", 1e-4),
@@ -26,7 +26,7 @@ FAMILIES = {  # name: (kind: ce or llm, arch for rerank_cli.tiny, tolerance)
 
 
 def build(root, pairs: int):
-    from rerank_cli.tiny import build_cross_encoder, build_llm, write_pairs
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm, write_pairs
 
     root.mkdir(parents=True, exist_ok=True)
     models = {}

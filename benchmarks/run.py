@@ -59,7 +59,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def prepare(pairs: int, llm_pairs: int) -> dict:
-    from rerank_cli.tiny import build_cross_encoder, build_llm, write_pairs
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm, write_pairs
 
     OUT.mkdir(exist_ok=True)
     if not (OUT / "bench-ce" / "config.json").exists():

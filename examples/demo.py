@@ -1,7 +1,7 @@
 """`make demo`: build two small rerankers and a pair file locally, then use the real CLI on them.
 
 Nothing is downloaded: the models are random-weight BERT and Qwen2 rerankers with tokenizers trained
-here (rerank_cli/tiny.py), so their scores are meaningless but the whole path is real: loading with
+here (rerank_cli/model/tiny.py), so their scores are meaningless but the whole path is real: loading with
 from_pretrained, streaming, batching, scoring, writing, ranking and evaluation.
 """
 
@@ -32,7 +32,7 @@ def sh(*args: str, stdin: str | None = None) -> str:
 
 
 def build() -> None:
-    from rerank_cli.tiny import build_cross_encoder, build_llm, write_pairs, write_qrels
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm, write_pairs, write_qrels
 
     DEMO.mkdir(exist_ok=True)
     if not (DEMO / "tiny-ce" / "config.json").exists():

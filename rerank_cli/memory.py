@@ -96,7 +96,7 @@ def initial_budget(scorer, model: str, device: str, max_length: int, requested: 
     """The padded-token budget to start from, and why."""
     if requested:
         return requested, "--batch-tokens"
-    from rerank_cli.precision import device_label
+    from rerank_cli.model.precision import device_label
 
     name = device_label(device)
     entry = cached_budget(model, name, scorer.precision.name, max_length)

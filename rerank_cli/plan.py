@@ -226,7 +226,7 @@ def make_plan(cfg, devices: list[str], total_rows: int | None = None, *, visible
     workers, notes = group_workers(devices, cfg.gpus_per_worker, gpu_ids=gpu_ids,
                                    cpu_count=cpu_count or _cpu_count(), omp_threads=int(omp) if omp.isdigit() else None)
     if dtype_of is None:
-        from rerank_cli.precision import choose_dtype as dtype_of
+        from rerank_cli.model.precision import choose_dtype as dtype_of
     if any(w.is_group for w in workers) and not (_have_accelerate() if accelerate is None else accelerate):
         raise DeviceError(f"--gpus-per-worker {cfg.gpus_per_worker} spreads the model with a device map, which "
                           "needs the accelerate package: pip install accelerate")

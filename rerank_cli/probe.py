@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from rerank_cli.batching import free_memory, try_forward
 from rerank_cli.errors import PairTooLargeError
-from rerank_cli.precision import Precision, choose_dtype, device_kind, device_label
+from rerank_cli.model.precision import Precision, choose_dtype, device_kind, device_label
 
 CPU_MAX_TOKENS = 65536
 GPU_MAX_TOKENS = 1 << 20
@@ -106,7 +106,7 @@ def synthetic_batch(row, rows: int) -> list:
     """`rows` copies of `row`, the last one token short so the batch is padded like real ones."""
     if rows == 1:
         return [row]
-    from rerank_cli.templates import Encoded
+    from rerank_cli.model.templates import Encoded
 
     short = Encoded(row.ids[:-1], row.type_ids[:-1] if row.type_ids is not None else None)
     return [row] * (rows - 1) + [short]
@@ -222,7 +222,7 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
         raise ConfigError(f"--headroom must be at least 0 and below 1 (got {headroom})")
     log = log or (lambda msg: None)
     if estimate:
-        from rerank_cli.models import detect_kind, load_config
+        from rerank_cli.model.load import detect_kind, load_config
 
         config = load_config(cfg.model, cfg.trust_remote_code)
         kind = detect_kind(config, cfg.kind, cfg.model)
@@ -236,7 +236,7 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
 
 def probe_device(cfg, device: str, headroom: float, log: Callable[[str], None]) -> ProbeResult:
     from rerank_cli.memory import cache_key, write_cache
-    from rerank_cli.models import load_scorer
+    from rerank_cli.model.load import load_scorer
 
     scorer = load_scorer(cfg.model, device, kind=cfg.kind, dtype=cfg.dtype, template=cfg.template,
                          max_length=cfg.max_length, instruction=cfg.instruction,

@@ -42,7 +42,7 @@ class Reranker:
         log: Callable[[str], None] | None = None,
     ):
         from rerank_cli.memory import initial_budget
-        from rerank_cli.models import load_scorer
+        from rerank_cli.model.load import load_scorer
 
         self.model_name = model
         self.device = device or default_device()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    from rerank_cli.tiny import build_cross_encoder, build_llm
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm
 
     d = tmp_path_factory.mktemp("models")
     build_cross_encoder(d / "ce")
@@ -33,7 +33,7 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xlmr_model(models_dir) -> str:
     """bge-reranker-v2-m3's family: XLM-RoBERTa, Unigram tokenizer, no token types."""
-    from rerank_cli.tiny import build_cross_encoder
+    from rerank_cli.model.tiny import build_cross_encoder
 
     return str(build_cross_encoder(models_dir / "ce-xlmr", arch="xlm-roberta"))
 
@@ -41,7 +41,7 @@ def xlmr_model(models_dir) -> str:
 @pytest.fixture(scope="session")
 def gemma_model(models_dir) -> str:
     """bge-reranker-v2-gemma's family: Gemma, tied head."""
-    from rerank_cli.tiny import build_llm
+    from rerank_cli.model.tiny import build_llm
 
     return str(build_llm(models_dir / "llm-gemma", arch="gemma"))
 
@@ -58,14 +58,14 @@ def llm_model(models_dir) -> str:
 
 @pytest.fixture(scope="session")
 def pairs_parquet(tmp_path_factory) -> Path:
-    from rerank_cli.tiny import write_pairs
+    from rerank_cli.model.tiny import write_pairs
 
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", 120, seed=3)
 
 
 @pytest.fixture(scope="session")
 def pairs_jsonl(tmp_path_factory) -> Path:
-    from rerank_cli.tiny import write_pairs
+    from rerank_cli.model.tiny import write_pairs
 
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 120, seed=3)
 

@@ -20,7 +20,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pairs_500(tmp_path_factory):
-    from rerank_cli.tiny import write_pairs
+    from rerank_cli.model.tiny import write_pairs
 
     return write_pairs(tmp_path_factory.mktemp("p500") / "pairs.parquet", 500, seed=11)
 

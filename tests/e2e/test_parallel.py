@@ -22,8 +22,8 @@ import pytest
 from rerank_cli import score_file
 from rerank_cli.config import build_config
 from rerank_cli.errors import Interrupted
+from rerank_cli.model.precision import choose_dtype
 from rerank_cli.pipeline import run
-from rerank_cli.precision import choose_dtype
 from rerank_cli.progress import Reporter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ SPAWN = ["--devices", "cpu,cpu", "--shard-rows", "20", "--batch-size", "8"]  # 1
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from rerank_cli.tiny import write_pairs
+    from rerank_cli.model.tiny import write_pairs
 
     return str(write_pairs(tmp_path_factory.mktemp("par") / "pairs.parquet", PAIRS, seed=5))
 

@@ -50,7 +50,7 @@ def scored(tmp_path_factory, pairs_parquet, ce_model):
 
     import pyarrow.parquet as pq
 
-    from rerank_cli.tiny import write_qrels
+    from rerank_cli.model.tiny import write_qrels
 
     d = tmp_path_factory.mktemp("scored")
     rows = pq.read_table(pairs_parquet).to_pylist()

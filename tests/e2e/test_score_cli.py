@@ -156,7 +156,7 @@ def test_ctrl_c_exits_130_and_leaves_no_output(ce_model, tmp_path):
     import subprocess
     import time
 
-    from rerank_cli.tiny import write_pairs
+    from rerank_cli.model.tiny import write_pairs
     from tests.conftest import ROOT
 
     src = write_pairs(tmp_path / "many.parquet", 3000, seed=1)

@@ -11,7 +11,7 @@ import torch
 from rerank_cli import batching
 from rerank_cli.batching import GROW_AFTER, HEADROOM, TokenBudget, score_window
 from rerank_cli.errors import PairTooLargeError
-from rerank_cli.templates import Encoded
+from rerank_cli.model.templates import Encoded
 
 
 class FakeScorer:
@@ -121,7 +121,7 @@ def test_budget_never_grows_without_a_failure():
 
 
 def test_real_scorer_raises_the_real_oom_and_other_errors_pass(monkeypatch, ce_model):
-    from rerank_cli.models import load_scorer
+    from rerank_cli.model.load import load_scorer
 
     monkeypatch.setenv("RERANK_FAULT_OOM_TOKENS", "100")
     scorer = load_scorer(ce_model, "cpu")

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from rerank_cli.lean import FirstTokenLayer, LastPosition, LastTokenDecoderLayer, prune_last_layer
+from rerank_cli.model.lean import FirstTokenLayer, LastPosition, LastTokenDecoderLayer, prune_last_layer
 
 SMALL = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64)

@@ -17,7 +17,7 @@ from rerank_cli.estimate import (
     peak_bytes,
     shape_of,
 )
-from rerank_cli.precision import choose_dtype
+from rerank_cli.model.precision import choose_dtype
 from rerank_cli.probe import Device, Outcome, search_rows, synthetic_batch, synthetic_row
 
 ESTIMATE_TOLERANCE = 0.10  # estimate / measured peak must lie within 10% below ...
@@ -120,7 +120,7 @@ def test_damaged_cache_is_ignored(cache_dir):
 
 
 def test_initial_budget_order(ce_model):
-    from rerank_cli.models import load_scorer
+    from rerank_cli.model.load import load_scorer
 
     scorer = load_scorer(ce_model, "cpu")
     assert memory.initial_budget(scorer, ce_model, "cpu", 512, 3000) == (3000, "--batch-tokens")
@@ -183,7 +183,7 @@ def wide_ce(models_dir, tmp_path_factory):
 
 
 def loaded(path, max_length):
-    from rerank_cli.models import load_scorer
+    from rerank_cli.model.load import load_scorer
 
     return load_scorer(path, "cpu", max_length=max_length)
 
@@ -208,7 +208,7 @@ def test_estimate_matches_the_measured_peak(request, which, max_length, rows):
 
 
 def test_estimate_fits_the_largest_batch_under_the_headroom(llm_model):
-    from rerank_cli.models import load_config
+    from rerank_cli.model.load import load_config
 
     shape = shape_of(load_config(llm_model), "llm")
     est = estimate(shape, "bf16", 512, 1 << 30, headroom=0.1, reserve=1 << 28)

@@ -1,6 +1,6 @@
 """The lean scoring path equals a plain, unbatched full forward pass of the same model.
 
-References here are written independently of rerank_cli.templates: they use the tokenizer's own
+References here are written independently of rerank_cli.model.templates: they use the tokenizer's own
 `__call__` and the full model output (all-vocabulary logits), one pair at a time, no padding.
 Each runs on the BERT and Qwen2 tiny models and on the XLM-RoBERTa and Gemma ones (the families of
 bge-reranker-v2-m3 and bge-reranker-v2-gemma). FlagEmbedding's own code is compared in
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from rerank_cli import Reranker
-from rerank_cli.templates import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
-from rerank_cli.tiny import make_pairs
+from rerank_cli.model.templates import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
+from rerank_cli.model.tiny import make_pairs
 
 
 @pytest.fixture(scope="module")

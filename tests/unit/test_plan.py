@@ -7,6 +7,7 @@ import pytest
 
 from rerank_cli.config import build_config
 from rerank_cli.errors import ConfigError, DeviceError
+from rerank_cli.model.precision import Precision
 from rerank_cli.plan import (
     MIN_AUTO_SHARD,
     cut_shards,
@@ -18,7 +19,6 @@ from rerank_cli.plan import (
     shard_size,
     visible_gpus,
 )
-from rerank_cli.precision import Precision
 
 
 def cfg(**flags):

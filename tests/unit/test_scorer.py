@@ -33,7 +33,7 @@ def test_fp16_batch_with_non_finite_scores_is_rerun_in_fp32(ce_model):
 
 
 def test_upcast_restores_every_tensor_to_its_own_dtype():
-    from rerank_cli.models import upcast
+    from rerank_cli.model.scorers import upcast
 
     model = torch.nn.Linear(4, 2).half()
     model.register_buffer("inv_freq", torch.arange(3, dtype=torch.float32))

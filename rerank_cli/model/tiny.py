@@ -6,7 +6,7 @@ Tests, `make demo` and `make bench` use these instead of hub downloads: a BERT c
 tokens, a bos token, and the Qwen3 chat markers as special tokens). Both load with `from_pretrained`
 in transformers 4 and 5, so FlagEmbedding and sentence-transformers accept them too.
 
-    python -m rerank_cli.tiny OUT_DIR [--size tiny|bench] [--pairs N]
+    python -m rerank_cli.model.tiny OUT_DIR [--size tiny|bench] [--pairs N]
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Load a reranker and run its forward pass: cross-encoders and causal-LM yes/no rerankers.
+"""A loaded reranker's forward pass: cross-encoders and causal-LM yes/no rerankers, one batch at a time.
 
-Owns `from_pretrained`, the choice of kind (from the config's architectures, or --kind), collation
-(right padding for encoders, left for causal LMs) and the lean LLM head: only the last position's
-hidden state times the one or two lm_head rows the score needs, never full-vocabulary logits.
-`lean.py` trims the final layer to the one position the score reads.
-Batching, back-off and order live in `batching.py`; this module scores one batch at a time.
+Owns collation (right padding for encoders, left for causal LMs), the fp16 overflow re-run, and the
+lean LLM head: only the last position's hidden state times the one or two lm_head rows the score
+needs, never full-vocabulary logits. `lean.py` trims the final layer to the one position the score
+reads; `load.py` builds a scorer from a model path. Batching, back-off and order live in
+`memory/batching.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rerank_cli.errors import ModelError, first_line
-from rerank_cli.precision import Precision, check_device, choose_dtype
-from rerank_cli.templates import Encoded, make_template
+from rerank_cli.model.precision import Precision
+from rerank_cli.model.templates import Encoded
 
 CROSS, LLM = "cross-encoder", "llm"
 
@@ -37,32 +36,6 @@ class Stats:
     def add(self, other: Stats) -> None:
         for name in ("batches", "pairs", "real_tokens", "padded_tokens", "backoffs", "fp32_reruns"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-def detect_kind(config, requested: str, model: str) -> str:
-    """cross-encoder for ...ForSequenceClassification, llm for ...ForCausalLM, unless --kind says."""
-    if requested != "auto":
-        return requested
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return CROSS
-    if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
-        return LLM
-    found = ", ".join(archs) or "none listed"
-    raise ModelError(
-        f"{model}: not a reranker this tool knows (architectures: {found}); expected "
-        "...ForSequenceClassification or ...ForCausalLM, or pass --kind"
-    )
-
-
-def load_config(model: str, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        where = "is not a model folder" if os.path.isdir(model) else "not found (no folder, not on the hub)"
-        raise ModelError(f"model {model!r} {where}: {first_line(exc)}") from None
 
 
 class BaseScorer:
@@ -190,71 +163,3 @@ class LLMScorer(BaseScorer):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return self.template.combine(logits)
-
-
-def load_scorer(
-    model: str,
-    device: str = "cpu",
-    *,
-    kind: str = "auto",
-    dtype: str = "auto",
-    template: str | None = None,
-    max_length: int = 512,
-    instruction: str | None = None,
-    normalize: bool = False,
-    trust_remote_code: bool = False,
-    device_map: dict | str | None = None,
-) -> BaseScorer:
-    """Load tokenizer and weights once for `device`, at the dtype `choose_dtype` picks."""
-    check_device(device)
-    precision = choose_dtype(dtype, device)
-    quiet_transformers()
-    config = load_config(model, trust_remote_code)
-    kind = detect_kind(config, kind, model)
-    tokenizer = _load_tokenizer(model, trust_remote_code)
-    tmpl = make_template(kind, template, tokenizer, max_length, instruction)
-    net = _load_weights(model, kind, precision, device, trust_remote_code, device_map)
-    if device_map is None:  # a layer split across devices keeps its stock forward (and accelerate's hooks)
-        from rerank_cli.lean import prune_last_layer
-
-        prune_last_layer(net, kind)
-    cls = CrossEncoderScorer if kind == CROSS else LLMScorer
-    return cls(net, tokenizer, tmpl, device, precision, normalize)
-
-
-def quiet_transformers() -> None:
-    """Our progress and messages only: no per-load progress bars or advisory warnings."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _load_tokenizer(model: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {model!r}: cannot load its tokenizer: {first_line(exc)}") from None
-    if not hasattr(tok, "backend_tokenizer"):
-        raise ModelError(f"model {model!r}: needs a fast (tokenizers) tokenizer")
-    return tok
-
-
-def _load_weights(model: str, kind: str, precision: Precision, device: str, trust_remote_code: bool,
-                  device_map):
-    import transformers
-
-    auto = transformers.AutoModelForSequenceClassification, transformers.AutoModelForCausalLM
-    cls = auto[0] if kind == CROSS else auto[1]
-    kwargs = {"dtype": precision.torch_dtype, "trust_remote_code": trust_remote_code}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    try:
-        net = cls.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {model!r}: cannot load {kind} weights: {first_line(exc)}") from None
-    if device_map is None:
-        net = net.to(device)
-    return net.eval()
