@@ -69,7 +69,7 @@ def score_file(input: str, output: str = "-", *, model: str, **options: Any) -> 
 
 def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     """Dispatch a validated config to its executor."""
-    from rerank_cli.memory import set_allocator_env
+    from rerank_cli.memory.budget import set_allocator_env
 
     set_allocator_env()  # before any CUDA use, here and in the workers that inherit the environment
     if not cfg.model:

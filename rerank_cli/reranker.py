@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from rerank_cli.batching import TokenBudget, score_window
 from rerank_cli.errors import InputError
+from rerank_cli.memory.batching import TokenBudget, score_window
 
 WINDOW = 4096
 
@@ -41,7 +41,7 @@ class Reranker:
         device_map: dict | str | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        from rerank_cli.memory import initial_budget
+        from rerank_cli.memory.budget import initial_budget
         from rerank_cli.model.load import load_scorer
 
         self.model_name = model

@@ -86,7 +86,7 @@ def test_probe_memory_table(cli, llm_model, monkeypatch):
 
 
 def test_probe_memory_on_cpu_stops_at_its_cap(cli, ce_model, monkeypatch):
-    from rerank_cli import probe
+    from rerank_cli.memory import probe
 
     monkeypatch.setattr(probe, "CPU_MAX_TOKENS", 4000)  # 65536 in real runs; smaller keeps the test fast
     code, out, err = cli("probe-memory", "-m", ce_model, "--device", "cpu", "--max-length", "64", "--json")

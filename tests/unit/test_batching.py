@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from rerank_cli import batching
-from rerank_cli.batching import GROW_AFTER, HEADROOM, TokenBudget, score_window
 from rerank_cli.errors import PairTooLargeError
+from rerank_cli.memory import batching
+from rerank_cli.memory.batching import GROW_AFTER, HEADROOM, TokenBudget, score_window
 from rerank_cli.model.templates import Encoded
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from rerank_cli import memory
 from rerank_cli.errors import ConfigError, DeviceError
-from rerank_cli.estimate import (
+from rerank_cli.memory import budget as memory
+from rerank_cli.memory.estimate import (
     activation_bytes_per_token,
     estimate,
     full_vocab_logits_bytes_per_token,
@@ -17,8 +17,8 @@ from rerank_cli.estimate import (
     peak_bytes,
     shape_of,
 )
+from rerank_cli.memory.probe import Device, Outcome, search_rows, synthetic_batch, synthetic_row
 from rerank_cli.model.precision import choose_dtype
-from rerank_cli.probe import Device, Outcome, search_rows, synthetic_batch, synthetic_row
 
 ESTIMATE_TOLERANCE = 0.10  # estimate / measured peak must lie within 10% below ...
 # ... and within 15% above: the estimate is a whole layer's peak, and on a model so shallow that its

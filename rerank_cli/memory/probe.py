@@ -20,8 +20,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from rerank_cli.batching import free_memory, try_forward
 from rerank_cli.errors import PairTooLargeError
+from rerank_cli.memory.batching import free_memory, try_forward
 from rerank_cli.model.precision import Precision, choose_dtype, device_kind, device_label
 
 CPU_MAX_TOKENS = 65536
@@ -130,7 +130,7 @@ class Device:
             import torch
 
             return torch.cuda.get_device_properties(torch.device(self.device)).total_memory
-        from rerank_cli.memory import total_ram
+        from rerank_cli.memory.budget import total_ram
 
         return total_ram()
 
@@ -215,7 +215,7 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
                  memory: int | None = None, log: Callable[[str], None] | None = None) -> list[ProbeResult]:
     """Probe (or, with `estimate`, work out from the config) each device's largest batch."""
     from rerank_cli.errors import ConfigError
-    from rerank_cli.memory import set_allocator_env
+    from rerank_cli.memory.budget import set_allocator_env
 
     set_allocator_env()
     if not 0 <= headroom < 1:
@@ -235,7 +235,7 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
 
 
 def probe_device(cfg, device: str, headroom: float, log: Callable[[str], None]) -> ProbeResult:
-    from rerank_cli.memory import cache_key, write_cache
+    from rerank_cli.memory.budget import cache_key, write_cache
     from rerank_cli.model.load import load_scorer
 
     scorer = load_scorer(cfg.model, device, kind=cfg.kind, dtype=cfg.dtype, template=cfg.template,
@@ -265,7 +265,7 @@ def search_cap(scorer, dev: Device, width: int, headroom: float) -> tuple[int, s
     """Most rows worth trying: GPU_MAX_TOKENS on GPUs; on the CPU CPU_MAX_TOKENS or the RAM estimate."""
     if dev.cuda:
         return max(1, GPU_MAX_TOKENS // width), "cap"
-    from rerank_cli.memory import available_ram, per_token_bytes
+    from rerank_cli.memory.budget import available_ram, per_token_bytes
 
     cap = max(1, CPU_MAX_TOKENS // width)
     ram = available_ram()
@@ -278,7 +278,7 @@ def search_cap(scorer, dev: Device, width: int, headroom: float) -> tuple[int, s
 
 def estimate_device(cfg, config, kind: str, device: str, headroom: float, memory: int | None,
                     log: Callable[[str], None]) -> ProbeResult:
-    from rerank_cli.estimate import CUDA_RESERVE, estimate, shape_of
+    from rerank_cli.memory.estimate import CUDA_RESERVE, estimate, shape_of
 
     cuda, here = device_kind(device) == "cuda", device_present(device)
     p = estimate_precision(cfg.dtype, device, here)

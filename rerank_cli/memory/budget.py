@@ -127,7 +127,7 @@ def cpu_default(scorer, max_length: int) -> tuple[int, str]:
 
 
 def per_token_bytes(scorer, width: int) -> float:
-    from rerank_cli.estimate import activation_bytes_per_token, shape_of
+    from rerank_cli.memory.estimate import activation_bytes_per_token, shape_of
 
     return activation_bytes_per_token(shape_of(scorer.model.config, scorer.kind), width, scorer.precision.name)
 
