@@ -212,7 +212,7 @@ def rank(
     flags = {**locals(), "overwrite": overwrite or None, "quiet": quiet or None}
     from rerank_cli.config import build_config
     from rerank_cli.progress import Reporter
-    from rerank_cli.ranking import run_rank
+    from rerank_cli.rank.ranking import run_rank
 
     cfg = build_config(flags)
     reporter = Reporter(quiet=cfg.quiet)
@@ -237,9 +237,9 @@ def eval_(
     input_format: str | None = typer.Option(None, help="RUN's format: trec|jsonl|parquet|csv|tsv|arrow."),
 ) -> None:
     """Evaluate a ranking against qrels: nDCG@10, MRR@10, MAP, Recall@10/100, beside a baseline."""
-    from rerank_cli.eval_report import print_report
-    from rerank_cli.evaluation import evaluate_files
-    from rerank_cli.runs import RunColumns
+    from rerank_cli.rank.evaluation import evaluate_files
+    from rerank_cli.rank.report import print_report
+    from rerank_cli.rank.runs import RunColumns
 
     columns = RunColumns(score=score_col, group=group_col, doc=doc_col, query=query_col)
     report = evaluate_files(run, qrels, baseline=baseline, baseline_input_order=baseline_input_order,

@@ -20,7 +20,7 @@ from rerank_cli.errors import ConfigError
 from rerank_cli.io.readers import Chunk, Columns, read_chunks
 from rerank_cli.io.writers import check_output_path, open_writer, write_rejects
 from rerank_cli.progress import Reporter
-from rerank_cli.ranking import check_ranking_columns, open_ranked_output, wants_ranking
+from rerank_cli.rank.ranking import check_ranking_columns, open_ranked_output, wants_ranking
 
 
 @dataclass

@@ -6,7 +6,7 @@ window's original order. On out-of-memory (and only that: `torch.OutOfMemoryErro
 RuntimeError) it leaves the `except` block so the failed batch's tensors can die, empties the cache,
 halves the budget and re-plans from the same pair: no pair is lost, repeated or reordered. After a
 run of good batches the budget grows back, staying 15% under the smallest size that failed.
-Where the first budget comes from is `memory.py`'s job.
+Where the first budget comes from is `budget.py`'s job.
 """
 
 from __future__ import annotations

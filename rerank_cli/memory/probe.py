@@ -8,7 +8,7 @@ A batch fails when it runs out of memory or, where the device reports memory (CU
 allocated memory passes (1 - headroom) x the device's total. The CPU never runs out of memory this
 way (the kernel would kill the process first), so there the search stops at CPU_MAX_TOKENS, at what
 the available RAM allows by the config estimate, or after a batch slower than SLOW_BATCH_S.
-Results go to the probe cache (`memory.py`) that `rerank score --batch-tokens auto` starts from.
+Results go to the probe cache (`budget.py`) that `rerank score --batch-tokens auto` starts from.
 `--estimate` gives the same answer from the config alone (`estimate.py`).
 """
 

@@ -117,7 +117,7 @@ def test_pipeline_score_rank_eval_over_stdin_and_stdout(scored, ce_model, tmp_pa
     top2 = read_jsonl(tmp_path / "top2.jsonl")
     assert [(r["qid"], r["rank"], r["pid"]) for r in top2] == expected_ranking(full, 2)
     piped = json.loads((tmp_path / "eval.json").read_text())
-    from rerank_cli.evaluation import evaluate_files
+    from rerank_cli.rank.evaluation import evaluate_files
 
     direct = evaluate_files(str(tmp_path / "scored.jsonl"), str(qrels))
     assert piped["queries"] == len(direct.queries)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rerank_cli.errors import ConfigError, InputError
-from rerank_cli.evaluation import evaluate_files
-from rerank_cli.runs import RunColumns, is_trec, read_qrels
+from rerank_cli.rank.evaluation import evaluate_files
+from rerank_cli.rank.runs import RunColumns, is_trec, read_qrels
 
 # q1: d1 (grade 2), d3 and d4 relevant, d2 judged not; q2: d5; q3: nothing relevant; q4: d7 (never retrieved).
 QRELS = """q1 0 d1 2

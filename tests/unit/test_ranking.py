@@ -14,7 +14,15 @@ import pytest
 from rerank_cli.config import build_config
 from rerank_cli.errors import InputError, OutputError
 from rerank_cli.io.readers import Columns, read_chunks
-from rerank_cli.ranking import RankingWriter, RankSpec, TopK, open_ranked_output, rank_file, run_rank, wants_ranking
+from rerank_cli.rank.ranking import (
+    RankingWriter,
+    RankSpec,
+    TopK,
+    open_ranked_output,
+    rank_file,
+    run_rank,
+    wants_ranking,
+)
 
 
 def table(rows: list[dict]) -> pa.RecordBatch:

@@ -13,7 +13,7 @@ It is imported lazily (only `rerank eval` needs it), with an install hint when m
 Which queries count: those of the qrels with at least one relevant document (relevance > 0). A judged
 query missing from a run scores 0 for it; queries of a run without judgements are left out; both are
 counted in the report's notes. Gains are graded as trec_eval's (linear: gain = relevance). Only the
-numbers: loading runs is `runs.py`, the table and JSON are `eval_report.py`.
+numbers: loading runs is `runs.py`, the table and JSON are `report.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rerank_cli.errors import ConfigError, InputError
-from rerank_cli.runs import LoadedRun, Qrels, Run, RunColumns, load_run, read_qrels
+from rerank_cli.rank.runs import LoadedRun, Qrels, Run, RunColumns, load_run, read_qrels
 
 # (label shown to users, ir-measures name)
 MEASURES = (

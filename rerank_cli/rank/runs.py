@@ -18,7 +18,7 @@ from pathlib import Path, PurePath
 
 from rerank_cli.errors import InputError
 from rerank_cli.io.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
-from rerank_cli.ranking import RANK_COL, RankSpec, TopK
+from rerank_cli.rank.ranking import RANK_COL, RankSpec, TopK
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]

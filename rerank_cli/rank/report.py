@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from rerank_cli.evaluation import Report
+from rerank_cli.rank.evaluation import Report
 
 
 def to_json_text(report: Report, per_query: bool = False) -> str:
