@@ -90,9 +90,9 @@ def bench_merge(data: Path, rows: int, pairs_per_s: float, part_rows: int = 2048
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rerank_cli.engines.local.merge import OrderedMerge
+    from rerank_cli.engines.local.workdir import write_arrow, write_part
     from rerank_cli.io.writers import open_writer
-    from rerank_cli.merge import OrderedMerge
-    from rerank_cli.workdir import write_arrow, write_part
 
     parts_dir = OUT / "merge-parts"
     parts_dir.mkdir(exist_ok=True)

@@ -160,9 +160,9 @@ def probe_memory(
     size = parse_memory(memory) if memory else None
     if size is not None and not estimate:
         raise ConfigError("--memory is for --estimate; a probe measures the device itself")
+    from rerank_cli.engines.local.plan import resolve_devices
     from rerank_cli.memory.probe import probe_memory as probe
     from rerank_cli.memory.probe import render_table
-    from rerank_cli.plan import resolve_devices
 
     targets = list(cfg.devices) or (["cuda"] if estimate else resolve_devices(cfg))
     results = probe(cfg, targets, headroom, estimate, size, log=Reporter().info)

@@ -12,7 +12,7 @@ Owns the ranking rules, used by `rerank score --top-k`, `rerank rank` and `reran
 - Output: group by group, in the order each group first appears in the input, rank ascending within
   a group. An existing `rank` column (e.g. a first-stage rank) is replaced by the new one.
 
-It does not read files or score anything: `RankingWriter` wraps the output writer (`pipeline.open_output`)
+It does not read files or score anything: `RankingWriter` wraps the output writer (`engines.job.open_output`)
 and collects while the executors write, then emits the ranked rows when it closes, through the wrapped
 atomic writer, so a failed run still leaves no output file.
 """

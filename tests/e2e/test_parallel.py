@@ -183,7 +183,7 @@ def test_gpus_that_are_not_there_fail_before_any_work(rerank_proc, pairs, ce_mod
 
 
 def test_one_device_with_a_work_dir_resumes_in_process(pairs, ce_model, tmp_path, monkeypatch, inline_rows):
-    import rerank_cli.shard_worker as shard_worker
+    import rerank_cli.engines.local.worker as shard_worker
 
     real, calls = shard_worker.score_table, []
 

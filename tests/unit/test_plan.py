@@ -6,9 +6,7 @@ import pyarrow as pa
 import pytest
 
 from rerank_cli.config import build_config
-from rerank_cli.errors import ConfigError, DeviceError
-from rerank_cli.model.precision import Precision
-from rerank_cli.plan import (
+from rerank_cli.engines.local.plan import (
     MIN_AUTO_SHARD,
     cut_shards,
     group_workers,
@@ -19,6 +17,8 @@ from rerank_cli.plan import (
     shard_size,
     visible_gpus,
 )
+from rerank_cli.errors import ConfigError, DeviceError
+from rerank_cli.model.precision import Precision
 
 
 def cfg(**flags):

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from rerank_cli.config import build_config
+from rerank_cli.engines.ray.cluster import plan_actors
+from rerank_cli.engines.ray.run import _ReporterLines, check_options
 from rerank_cli.errors import ConfigError, InputError, PairTooLargeError, WorkerError
 from rerank_cli.progress import Reporter
-from rerank_cli.ray_cluster import plan_actors
-from rerank_cli.ray_engine import _ReporterLines, check_options
 
 
 def cfg(**flags):
@@ -94,7 +94,7 @@ def test_rerank_errors_survive_pickling_with_their_fields():
 
 def test_ray_wrappers_are_unwrapped_to_our_error():
     ray = pytest.importorskip("ray")
-    from rerank_cli.ray_engine import user_error_in
+    from rerank_cli.engines.ray.run import user_error_in
 
     original = PairTooLargeError("row 4 (512 tokens) does not fit in memory on cpu even alone")
     wrapped = ray.exceptions.RayTaskError("submit", "Traceback ...long...", original).as_instanceof_cause()
@@ -105,7 +105,7 @@ def test_ray_wrappers_are_unwrapped_to_our_error():
 
 def test_unreadable_input_and_dead_actors_become_user_errors():
     ray = pytest.importorskip("ray")
-    from rerank_cli.ray_engine import user_error_in
+    from rerank_cli.engines.ray.run import user_error_in
 
     try:
         try:
@@ -140,7 +140,7 @@ class _Recorder:
 
 
 def test_score_window_scores_like_the_reranker_and_leaves_null_rows_unscored(ce_model):
-    from rerank_cli.ray_actor import ScoreWindow
+    from rerank_cli.engines.ray.actor import ScoreWindow
     from rerank_cli.reranker import Reranker
 
     config = cfg(model=ce_model, dtype="fp32")
@@ -162,7 +162,7 @@ def test_score_window_scores_like_the_reranker_and_leaves_null_rows_unscored(ce_
 
 
 def test_score_window_raises_on_null_rows_when_there_is_no_driver_to_number_them(ce_model):
-    from rerank_cli.ray_actor import ScoreWindow
+    from rerank_cli.engines.ray.actor import ScoreWindow
 
     actor = ScoreWindow(cfg(model=ce_model), "cpu", 1, _Recorder(), raise_on_bad=True)
     with pytest.raises(InputError, match="'passage' is null in a row"):
@@ -171,7 +171,7 @@ def test_score_window_raises_on_null_rows_when_there_is_no_driver_to_number_them
 
 def test_score_window_checks_each_windows_columns(ce_model):
     # Folders and object-store inputs are not read before Ray starts: each window's columns are checked.
-    from rerank_cli.ray_actor import ScoreWindow
+    from rerank_cli.engines.ray.actor import ScoreWindow
 
     actor = ScoreWindow(cfg(model=ce_model), "cpu", 1, _Recorder())
     with pytest.raises(InputError, match="missing column 'passage'"):
@@ -181,7 +181,7 @@ def test_score_window_checks_each_windows_columns(ce_model):
 
 
 def test_kill_switch_fires_once_per_marker(tmp_path):
-    from rerank_cli.ray_actor import _claim
+    from rerank_cli.engines.ray.actor import _claim
 
     marker = str(tmp_path / "kill")
     assert _claim(marker) is True
@@ -204,7 +204,7 @@ def test_ray_console_lines_go_to_the_reporter_without_colour():
 
 
 def test_unreadable_local_input_is_explained_by_our_own_reader(tmp_path):
-    from rerank_cli.ray_io import explain_read_error
+    from rerank_cli.engines.ray.io import explain_read_error
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "a", "passage": "b"}\n{"query": "a", "passage": \n')

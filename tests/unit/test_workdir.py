@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from rerank_cli.config import build_config
+from rerank_cli.engines.local.merge import OrderedMerge
+from rerank_cli.engines.local.plan import make_plan
+from rerank_cli.engines.local.workdir import WorkDir, compare, fingerprint, left_by_earlier_run, write_arrow, write_part
 from rerank_cli.errors import ConfigError, WorkerError
-from rerank_cli.merge import OrderedMerge
-from rerank_cli.plan import make_plan
-from rerank_cli.workdir import WorkDir, compare, fingerprint, left_by_earlier_run, write_arrow, write_part
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from rerank_cli.config import build_config
+from rerank_cli.engines.local.plan import Shard, make_plan
+from rerank_cli.engines.local.pool import describe_exit
+from rerank_cli.engines.local.run import RETRIES, ParallelRun, rebuild_error
+from rerank_cli.engines.local.workdir import Resume, WorkDir, fingerprint
+from rerank_cli.engines.local.worker import Fault, faults_from_env, is_device_fault
 from rerank_cli.errors import ConfigError, PairTooLargeError, WorkerError
-from rerank_cli.plan import Shard, make_plan
-from rerank_cli.pool import describe_exit
 from rerank_cli.progress import Reporter
-from rerank_cli.shard_worker import Fault, faults_from_env, is_device_fault
-from rerank_cli.workdir import Resume, WorkDir, fingerprint
-from rerank_cli.workers import RETRIES, ParallelRun, rebuild_error
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ same batching, precision choice and OOM back-off as the local engine. `RunLog` i
 scorers report progress, decisions and restarts to, so the driver can show them through its own
 `Reporter`. `KillSwitch` is the fault injection the tests use to kill one actor mid-job.
 
-Knows nothing of files or of how the cluster was reached (see ray_engine.py).
+Knows nothing of files or of how the cluster was reached (see run.py).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class ScoreWindow:
 
     def __init__(self, cfg, device: str, threads: int | None, log, kill: KillSwitch | None = None,
                  raise_on_bad: bool = False, device_map: str | None = None):
-        from rerank_cli.pipeline import choices_line, columns_of
+        from rerank_cli.engines.job import choices_line, columns_of
         from rerank_cli.reranker import Reranker
 
         if threads:

@@ -4,7 +4,7 @@ torch.multiprocessing with the spawn context (a fresh interpreter per worker: sa
 duplex pipe per worker rather than a shared queue, so a worker killed in the middle of a message holds
 no lock that could wedge the others. `events()` waits on every pipe and every process sentinel at
 once, with a timeout: a death is seen the moment it happens, and the parent never blocks for good.
-Which shard goes where, and what a death means, is decided in `workers.py`.
+Which shard goes where, and what a death means, is decided in `run.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rerank_cli.plan import Shard, WorkerSpec
+from rerank_cli.engines.local.plan import Shard, WorkerSpec
 
 
 @dataclass(eq=False)
@@ -47,7 +47,7 @@ class Slot:
 
 @dataclass
 class Pool:
-    """Processes for `specs`, each running `shard_worker.worker_main(conn, spec, *args)`."""
+    """Processes for `specs`, each running `worker.worker_main(conn, spec, *args)`."""
 
     specs: list[WorkerSpec]
     args: tuple
@@ -66,7 +66,7 @@ class Pool:
     def start(self, slot: Slot) -> None:
         """(Re)start the worker of `slot`. Ctrl-C is ignored while it starts, so the child begins
         life ignoring it too (the parent alone decides when workers stop)."""
-        from rerank_cli.shard_worker import worker_main
+        from rerank_cli.engines.local.worker import worker_main
 
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_main, args=(child_end, slot.spec, *self.args),

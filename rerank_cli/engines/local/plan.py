@@ -3,7 +3,7 @@
 Pure functions over plain values (device strings, the GPU count, the `CUDA_VISIBLE_DEVICES` string,
 the CPU count), so every rule is unit-tested without a GPU. The only side effect is the lazy
 `torch.cuda.device_count()` when the caller does not say how many GPUs there are. Knows nothing of
-processes or files: `workers.py` runs a plan, `workdir.py` keeps its shards.
+processes or files: `run.py` runs a plan, `workdir.py` keeps its shards.
 """
 
 from __future__ import annotations

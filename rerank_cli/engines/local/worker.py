@@ -93,7 +93,7 @@ def worker_main(conn, spec, cfg, folder: str, run_id: str, faults: tuple[Fault, 
 
 
 def _score_shard(reranker, cfg, folder: Path, shard, counter) -> dict:
-    from rerank_cli.workdir import read_arrow, shard_name, write_part
+    from rerank_cli.engines.local.workdir import read_arrow, shard_name, write_part
 
     started = time.perf_counter()
     before = (reranker.stats.backoffs, reranker.stats.fp32_reruns)

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.config import RunConfig
+from rerank_cli.engines.job import columns_of
+from rerank_cli.engines.ray.cluster import cause_text
 from rerank_cli.errors import InputError, OutputError, RerankError
 from rerank_cli.io.formats import detect_format, display_name
 from rerank_cli.io.readers import Chunk, _check_schema, _validate_batch, read_chunks
-from rerank_cli.pipeline import columns_of
-from rerank_cli.ray_cluster import cause_text
 
 READ_FORMATS = ("jsonl", "parquet", "csv", "tsv")
 JSON_EXTENSIONS = ["json", "jsonl", "ndjson"] + [f"{e}.{z}" for e in ("json", "jsonl", "ndjson")

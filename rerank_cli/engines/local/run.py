@@ -19,12 +19,12 @@ import time
 import uuid
 from collections import deque
 
+from rerank_cli.engines.job import RejectSink, Summary, describe_choices, finish, input_rows, open_chunks, open_output
+from rerank_cli.engines.local.merge import OrderedMerge
+from rerank_cli.engines.local.plan import Plan, cut_shards, make_plan
+from rerank_cli.engines.local.pool import Pool, Slot, describe_exit
+from rerank_cli.engines.local.workdir import WorkDir, fingerprint, write_arrow, write_part
 from rerank_cli.errors import Interrupted, RerankError, WorkerError
-from rerank_cli.merge import OrderedMerge
-from rerank_cli.pipeline import RejectSink, Summary, describe_choices, finish, input_rows, open_chunks, open_output
-from rerank_cli.plan import Plan, cut_shards, make_plan
-from rerank_cli.pool import Pool, Slot, describe_exit
-from rerank_cli.workdir import WorkDir, fingerprint, write_arrow, write_part
 
 RETRIES = 3  # failures of one shard (or deaths in a row of one worker) before the run gives up
 POLL_S = 0.2
@@ -39,7 +39,7 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
     fp = fingerprint(cfg, plan)
     if cfg.dry_run:
         return dry_run(cfg, plan, workdir, fp)
-    from rerank_cli.shard_worker import faults_from_env
+    from rerank_cli.engines.local.worker import faults_from_env
 
     faults = faults_from_env()
     resume = workdir.open(fp, plan.shards)
@@ -85,8 +85,8 @@ def _batches(chunks, rejects: RejectSink):
 
 def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, reporter) -> Summary:
     """One device, resumable: the shard loop of the workers, in this process."""
+    from rerank_cli.engines.local.worker import score_table
     from rerank_cli.reranker import Reranker
-    from rerank_cli.shard_worker import score_table
 
     started = time.perf_counter()
     spec = plan.workers[0]

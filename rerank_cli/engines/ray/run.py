@@ -3,8 +3,8 @@
 Owns the run: the options Ray cannot serve, the Ray Data plan (read -> windows of `--sort-window`
 rows -> `ScoreWindow` actors -> in-order sink), actor restarts and task retries, progress and notes
 from the actors to our `Reporter`, and Ray's failures turned back into `RerankError`s. Scoring inside
-each actor is `Reranker.score_columns`, the local engine's code path (ray_actor.py); reaching the
-cluster and sizing the pool live in ray_cluster.py, reading and writing in ray_io.py.
+each actor is `Reranker.score_columns`, the local engine's code path (actor.py); reaching the
+cluster and sizing the pool live in cluster.py, reading and writing in io.py.
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ import uuid
 import warnings
 
 from rerank_cli.config import RunConfig
-from rerank_cli.errors import ConfigError, InputError, RerankError, WorkerError
-from rerank_cli.io.formats import STREAM, detect_format
-from rerank_cli.pipeline import RejectSink, Summary, input_rows, open_output
-from rerank_cli.progress import Reporter
-from rerank_cli.ray_cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
-from rerank_cli.ray_io import (
+from rerank_cli.engines.job import RejectSink, Summary, input_rows, open_output
+from rerank_cli.engines.ray.cluster import ANSI, ActorPlan, cause_text, cluster_shape, plan_actors, ray_session
+from rerank_cli.engines.ray.io import (
     check_first_window,
     check_output_dir,
     explain_read_error,
@@ -34,6 +31,9 @@ from rerank_cli.ray_io import (
     write_dir,
     write_file,
 )
+from rerank_cli.errors import ConfigError, InputError, RerankError, WorkerError
+from rerank_cli.io.formats import STREAM, detect_format
+from rerank_cli.progress import Reporter
 
 INSTALL_HINT = "pip install 'rerank-cli[ray]'"
 MAX_RESTARTS = 3  # a scoring actor that dies is restarted up to this many times...
@@ -121,7 +121,7 @@ def check_options(cfg: RunConfig) -> None:
 
 def score_dataset(dataset, cfg: RunConfig, plan: ActorPlan, log, kill):
     """`dataset` with a score column, computed by a pool of `ScoreWindow` actors."""
-    from rerank_cli.ray_actor import ScoreWindow
+    from rerank_cli.engines.ray.actor import ScoreWindow
 
     kwargs = dict(cfg=cfg, device=plan.device, threads=plan.threads, log=log, kill=kill,
                   raise_on_bad=bool(cfg.output_dir))
@@ -175,7 +175,7 @@ def kill_switch():
     if after is None:
         yield None
         return
-    from rerank_cli.ray_actor import KillSwitch
+    from rerank_cli.engines.ray.actor import KillSwitch
 
     marker = os.path.join(tempfile.gettempdir(), f"rerank-ray-kill-{uuid.uuid4().hex}")
     try:
@@ -186,7 +186,7 @@ def kill_switch():
 
 
 def _run_log_class():
-    from rerank_cli.ray_actor import RunLog
+    from rerank_cli.engines.ray.actor import RunLog
 
     return RunLog
 

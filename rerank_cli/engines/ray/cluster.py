@@ -105,7 +105,9 @@ def runtime_env() -> dict:
     Workers then run the driver's code even where the cluster has another rerank-cli (or none); they
     still need torch and transformers installed.
     """
-    package = os.path.dirname(os.path.abspath(__file__))
+    import rerank_cli
+
+    package = os.path.dirname(os.path.abspath(rerank_cli.__file__))  # the whole package, not this folder
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     return {"py_modules": [package], "env_vars": env}
 
