@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ from rerank_cli.errors import Interrupted
 from rerank_cli.model.precision import choose_dtype
 from rerank_cli.pipeline import run
 from rerank_cli.progress import Reporter
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 PAIRS = 240
 SPAWN = ["--devices", "cpu,cpu", "--shard-rows", "20", "--batch-size", "8"]  # 12 shards of ~3 batches
 
