@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rerank_cli.config import RunConfig
 from rerank_cli.errors import ConfigError
@@ -105,9 +106,7 @@ def runtime_env() -> dict:
     Workers then run the driver's code even where the cluster has another rerank-cli (or none); they
     still need torch and transformers installed.
     """
-    import rerank_cli
-
-    package = os.path.dirname(os.path.abspath(rerank_cli.__file__))  # the whole package, not this folder
+    package = str(Path(__file__).resolve().parents[2])  # rerank_cli/, not this folder
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     return {"py_modules": [package], "env_vars": env}
 
