@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite sees none of the caller's settings that steer a run, whatever their shell exports: no Ray
+# address or credentials, no thread counts, no allocator settings, no RERANK_* (fault injection, debug,
+# caches, presets). CUDA_VISIBLE_DEVICES stays: on a GPU machine it is how a user picks the GPU the
+# GPU tests may use, and no CPU test depends on it.
+CALLER_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+for _name in [n for n in os.environ if n in CALLER_STATE or n.startswith("RERANK_")]:
+    del os.environ[_name]
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 os.environ["RERANK_CACHE_DIR"] = tempfile.mkdtemp(prefix="rerank-test-cache-")  # never the user's probe cache
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,9 +1,11 @@
 """Reaching Ray and sizing the scoring pool, for `--engine ray`.
 
 Owns the connection (`--ray-address`, `$RAY_ADDRESS`, else a fresh local cluster that is shut down
-after the run), what the workers receive (this rerank_cli and the HF_*/RERANK_* settings), keeping
-Ray's own start-up chatter off our terminal, and `plan_actors`: how many scoring actors, with which
-resources, for the cluster at hand. Knows nothing of datasets or files.
+after the run), its credentials (a local cluster gets a token of its own, for the run only; joining a
+token-authenticated cluster without its token is one line that names the fix), what the workers
+receive (this rerank_cli and the HF_*/RERANK_* settings), keeping Ray's own start-up chatter off our
+terminal, and `plan_actors`: how many scoring actors, with which resources, for the cluster at hand.
+Knows nothing of datasets or files.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,12 @@ def cause_text(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+AUTH_FIX = ("set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or the path of a file holding it "
+            "in RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head node prints it)")
+AUTH_REJECTED = ("InvalidAuthToken", "Unauthenticated")
+
+
 @contextlib.contextmanager
 def ray_session(ray, cfg: RunConfig, reporter: Reporter):
     """Connected to Ray for the run: an address, $RAY_ADDRESS, else a new local cluster (shut down after).
@@ -52,22 +62,65 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
         options["include_dashboard"] = False
     else:
         options["runtime_env"] = runtime_env()
-    began = time.perf_counter()
-    if address != "local":
         probe(address)
-    try:
-        with _fd2_hidden(os.environ.get("RERANK_DEBUG") != "1"):
+    began = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if address == "local":
+            stack.enter_context(own_cluster_token())
+        _init(ray, address, options)
+        stack.callback(ray.shutdown)
+        where = "started a local Ray cluster" if address == "local" else f"connected to Ray at {address}"
+        reporter.info(f"ray: {where} in {time.perf_counter() - began:.1f} s")
+        yield
+
+
+def _init(ray, address: str, options: dict) -> None:
+    """`ray.init`, with a failure to connect (or to authenticate) turned into one line that names the fix."""
+    with _fd2_captured(os.environ.get("RERANK_DEBUG") != "1") as captured:
+        try:
             ray.init(address=address, **options)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
-                "RAY_AUTH_MODE=token here" if os.environ.get("RAY_AUTH_MODE") is None else "")
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {cause_text(exc)}{hint}") from None
-    where = "started a local Ray cluster" if address == "local" else f"connected to Ray at {address}"
-    reporter.info(f"ray: {where} in {time.perf_counter() - began:.1f} s")
+            return
+        except ray.exceptions.AuthenticationError:
+            rejected, cause = True, "this process has no token for it"
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            rejected, cause = any(s in captured() for s in AUTH_REJECTED), cause_text(exc)
+    if rejected:
+        raise ConfigError(f"the Ray cluster at {address!r} uses token authentication and refused this "
+                          f"client ({cause}): {AUTH_FIX}") from None
+    raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {cause}") from None
+
+
+@contextlib.contextmanager
+def own_cluster_token():
+    """Token authentication for the cluster this run starts, with a fresh token that lives in this
+    process's environment for the run (the cluster's processes inherit it): nothing is written to
+    ~/.ray, and nothing has to be set up first. An explicit RAY_AUTH_MODE is the user's choice and stays."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in AUTH_ENV}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    _reload_auth()
     try:
         yield
     finally:
-        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload_auth()
+
+
+def _reload_auth() -> None:
+    """Make Ray read RAY_AUTH_* again: it caches them when imported and when it first loads a token."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def probe(address: str, timeout_s: float = 5.0) -> None:
@@ -83,21 +136,27 @@ def probe(address: str, timeout_s: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def _fd2_hidden(hide: bool):
-    """While Ray starts, its C++ core writes straight to file descriptor 2 (at least the line that
-    announces RAY_BACKEND_LOG_LEVEL); keep that off our stderr. Python errors still raise."""
-    if not hide:
-        yield
+def _fd2_captured(capture: bool):
+    """While Ray starts, its C++ core writes straight to file descriptor 2 (connection retries, the
+    reason a cluster refused us); keep that off our stderr, but readable: yields a function that
+    returns what was written. Python errors still raise."""
+    if not capture:
+        yield lambda: ""
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: _read_all(sink)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _read_all(sink) -> str:
+    sink.seek(0)
+    return sink.read().decode("utf-8", "replace")
 
 
 def runtime_env() -> dict:

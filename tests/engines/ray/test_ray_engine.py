@@ -1,18 +1,22 @@
 """`--engine ray` end to end on a real local Ray cluster (CPU, no mocks).
 
-One cluster per module (`ray start --head --block`, owned by the fixture and stopped by its pid);
-each test runs the real CLI as a subprocess that joins it through RAY_ADDRESS, like a user on a
-cluster would. One test leaves RAY_ADDRESS out, so the CLI starts (and stops) its own cluster.
+One cluster per module (`ray start --head --block`, owned by the fixture and stopped by its pid), with
+token authentication and credentials of its own: a token in a temporary folder handed to the head and
+to each client through RAY_AUTH_TOKEN_PATH, and Ray's files in a temporary folder (nothing in ~/.ray
+or /tmp/ray). Each test runs the real CLI as a subprocess that joins it through RAY_ADDRESS, like a
+user on a cluster would. Two tests leave RAY_ADDRESS out, so the CLI starts (and stops) its own cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +39,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    token: Path  # the file holding the cluster's authentication token
+
+
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
+def ray_cluster(tmp_path_factory):
+    token = tmp_path_factory.mktemp("ray-auth") / "token"
+    token.write_text(secrets.token_hex(32))
     port = _free_port()
     ray_cli = Path(sys.executable).with_name("ray")
-    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+    folder = tmp_path_factory.mktemp("ray")
+    log = folder / "ray-start.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once at teardown
-    env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
         head = subprocess.Popen(
             [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+             f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={folder / 't'}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         _wait_for_head(log, head)
-        yield address
+        yield Cluster(address, token)
     finally:
         head.terminate()
         try:
@@ -72,11 +86,14 @@ def _wait_for_head(log: Path, head: subprocess.Popen, timeout: float = 90) -> No
     raise RuntimeError(f"ray start --head did not come up:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def ray_score(address: str | None, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    # `ray start` clusters use token authentication (the token is in ~/.ray/auth_token): a client
-    # joins with RAY_AUTH_MODE=token, as the README says.
-    extra = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"} if address else {"RAY_ADDRESS": ""}
-    return run_rerank("score", *args, "--engine", "ray", env={**extra, **(env or {})}, timeout=180)
+def ray_score(cluster: Cluster | None, *args: str, env: dict | None = None,
+              timeout: float = 180) -> subprocess.CompletedProcess:
+    """`rerank score ARGS --engine ray` joining `cluster` with its token (RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN_PATH, as the README says), or on a cluster of its own when `cluster` is None."""
+    extra = {"RAY_ADDRESS": ""}
+    if cluster is not None:
+        extra = {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token)}
+    return run_rerank("score", *args, "--engine", "ray", env={**extra, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +119,14 @@ def assert_same_scores(got: pa.Table, want: pa.Table) -> None:
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
 
 
-def test_parquet_matches_local_engine(ray_address, pairs_parquet, ce_model, local_engine, tmp_path):
+def test_parquet_matches_local_engine(ray_cluster, pairs_parquet, ce_model, local_engine, tmp_path):
     local_parquet = local_engine(32)
     out = tmp_path / "out.parquet"
-    proc = ray_score(ray_address, str(pairs_parquet), "-o", str(out), "-m", ce_model, "--dtype", "fp32",
+    proc = ray_score(ray_cluster, str(pairs_parquet), "-o", str(out), "-m", ce_model, "--dtype", "fp32",
                      "--sort-window", "32", "--ray-workers", "2")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
-    assert f"connected to Ray at {ray_address}" in err
+    assert f"connected to Ray at {ray_cluster.address}" in err
     assert "2 CPU scoring actor(s)" in err
     assert "cpu: cross-encoder in fp32" in err
     assert f"scored {local_parquet.num_rows} pairs" in err and "ray:2xcpu, fp32" in err
@@ -117,21 +134,26 @@ def test_parquet_matches_local_engine(ray_address, pairs_parquet, ce_model, loca
 
 
 def test_jsonl_on_its_own_local_cluster(pairs_jsonl, ce_model, local_engine, tmp_path):
-    # Default settings, as in "rerank score small.jsonl -o out.jsonl --engine ray --dtype fp32".
+    # Default settings, as in "rerank score small.jsonl -o out.jsonl --engine ray --dtype fp32", by a
+    # user with an empty home: nothing set up beforehand, and nothing left in ~ (no ~/.ray/auth_token).
     local_parquet = local_engine()
     out = tmp_path / "out.jsonl"
-    proc = ray_score(None, str(pairs_jsonl), "-o", str(out), "-m", ce_model, "--dtype", "fp32")
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = ray_score(None, str(pairs_jsonl), "-o", str(out), "-m", ce_model, "--dtype", "fp32",
+                     env={"HOME": str(home)})
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "started a local Ray cluster" in err
+    assert not list(home.iterdir())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert_same_scores(pa.Table.from_pylist(rows).cast(local_parquet.schema), local_parquet)
 
 
-def test_killed_actor_is_restarted_and_every_row_comes_once(ray_address, pairs_parquet, ce_model, local_engine):
+def test_killed_actor_is_restarted_and_every_row_comes_once(ray_cluster, pairs_parquet, ce_model, local_engine):
     local_parquet = local_engine(20)
     # -o -: Ray's "worker died" console message must not land in our data on stdout.
-    proc = ray_score(ray_address, str(pairs_parquet), "-o", "-", "-m", ce_model, "--dtype", "fp32",
+    proc = ray_score(ray_cluster, str(pairs_parquet), "-o", "-", "-m", ce_model, "--dtype", "fp32",
                      "--sort-window", "20", "--ray-workers", "2", env={"RERANK_FAULT_RAY_KILL": "1"})
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
@@ -141,11 +163,11 @@ def test_killed_actor_is_restarted_and_every_row_comes_once(ray_address, pairs_p
     assert_same_scores(pa.Table.from_pylist(rows).cast(local_parquet.schema), local_parquet)
 
 
-def test_scoring_error_is_the_local_one_line_error(ray_address, pairs_parquet, ce_model, tmp_path):
+def test_scoring_error_is_the_local_one_line_error(ray_cluster, pairs_parquet, ce_model, tmp_path):
     # Every batch "runs out of memory", so the back-off ends at one pair that cannot fit: a
     # PairTooLargeError raised inside the actor, which must reach the user as one clean line.
     out = tmp_path / "out.parquet"
-    proc = ray_score(ray_address, str(pairs_parquet), "-o", str(out), "-m", ce_model,
+    proc = ray_score(ray_cluster, str(pairs_parquet), "-o", str(out), "-m", ce_model,
                      env={"RERANK_FAULT_OOM_TOKENS": "1"})
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
@@ -166,16 +188,16 @@ def holey_parquet(tmp_path_factory, pairs_parquet) -> Path:
     return path
 
 
-def test_null_passage_is_named_by_row_like_local(ray_address, holey_parquet, ce_model, tmp_path):
+def test_null_passage_is_named_by_row_like_local(ray_cluster, holey_parquet, ce_model, tmp_path):
     # --sort-window 16: the pre-check before Ray starts reads only the first window, so rows 50 and
     # 101 reach the actors, and the driver numbers them as the windows come back.
     out = tmp_path / "out.parquet"
-    proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16")
+    proc = ray_score(ray_cluster, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16")
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().splitlines()[-1] == f"error: {holey_parquet}: row 50: 'passage' is null"
     assert not out.exists()
 
-    proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16",
+    proc = ray_score(ray_cluster, str(holey_parquet), "-o", str(out), "-m", ce_model, "--sort-window", "16",
                      "--on-bad-row", "skip", "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr.decode()
     rejects = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
@@ -183,10 +205,10 @@ def test_null_passage_is_named_by_row_like_local(ray_address, holey_parquet, ce_
     assert pq.read_table(out).num_rows == 118
 
 
-def test_output_dir_parts_sort_in_input_order(ray_address, pairs_parquet, ce_model, local_engine, tmp_path):
+def test_output_dir_parts_sort_in_input_order(ray_cluster, pairs_parquet, ce_model, local_engine, tmp_path):
     local_parquet = local_engine(40)
     out = tmp_path / "scored"
-    proc = ray_score(ray_address, str(pairs_parquet), "--output-dir", str(out), "-m", ce_model,
+    proc = ray_score(ray_cluster, str(pairs_parquet), "--output-dir", str(out), "-m", ce_model,
                      "--dtype", "fp32", "--sort-window", "40", "--ray-workers", "2")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
@@ -195,3 +217,24 @@ def test_output_dir_parts_sort_in_input_order(ray_address, pairs_parquet, ce_mod
     assert len(parts) >= 2
     assert_same_scores(pa.concat_tables(pq.read_table(p) for p in parts), local_parquet)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.parametrize("mode", [None, "token"])
+def test_joining_without_the_token_is_one_line_naming_the_fix(ray_cluster, pairs_parquet, ce_model, tmp_path, mode):
+    # Without RAY_AUTH_MODE the client tries without a token and the cluster refuses it (Ray retries for
+    # about 20 s); with RAY_AUTH_MODE=token and no token anywhere, Ray refuses before trying.
+    home = tmp_path / "home"
+    home.mkdir()  # no ~/.ray/auth_token
+    env = {"RAY_ADDRESS": ray_cluster.address, "HOME": str(home), **({"RAY_AUTH_MODE": mode} if mode else {})}
+    out = tmp_path / "out.parquet"
+    proc = run_rerank("score", str(pairs_parquet), "-o", str(out), "-m", ce_model, "--engine", "ray", env=env,
+                      timeout=180)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == [err.strip()], err  # one line, nothing else
+    assert err.startswith(f"error: the Ray cluster at '{ray_cluster.address}' uses token authentication and "
+                          "refused this client")
+    assert err.strip().endswith(": set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or the path "
+                                "of a file holding it in RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head "
+                                "node prints it)")
+    assert not out.exists() and not list(home.iterdir())
