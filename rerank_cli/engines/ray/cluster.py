@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,7 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
     if address != "local":
         probe(address)
     try:
-        with _fd2_hidden(os.environ.get("RERANK_DEBUG") != "1"):
+        with _fd2_hidden(os.environ.get("RERANK_DEBUG") != "1"), _sigterm_kept():
             ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         hint = ("; if the cluster uses token authentication (Ray's default for `ray start`), set "
@@ -68,6 +70,18 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_kept():
+    """ray.init makes SIGTERM `sys.exit(15)`; keep the caller's handler (cli.main's stops the run as
+    Ctrl-C does: the cluster shut down, no output, one line, exit 143)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 def probe(address: str, timeout_s: float = 5.0) -> None:
