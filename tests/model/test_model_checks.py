@@ -199,3 +199,11 @@ def test_model_paths_that_are_not_model_folders(cli, ce_model, pairs_jsonl, tmp_
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: model '{model}': cannot load cross-encoder weights: "), err
     assert "model.safetensors" in err and not out.exists()
+
+
+def test_probe_memory_refuses_the_same_max_length(cli, ce_model):
+    for extra in ([], ["--estimate"]):
+        code, out, err = cli("probe-memory", "-m", ce_model, "--device", "cpu", "--max-length", "1024", *extra)
+        assert code == 2 and out == "", err
+        assert err == (f"error: --max-length 1024 is more than model '{ce_model}' reads: 512 tokens "
+                       "(max_position_embeddings 512); use --max-length 512 or less\n")
