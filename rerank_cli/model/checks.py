@@ -42,8 +42,8 @@ def kind_for(config, requested: str, model: str) -> str:
     kinds = list(dict.fromkeys(kind for a in archs for suffix, kind in ARCHITECTURE_KINDS if a.endswith(suffix)))
     listed = ", ".join(archs) or "none listed"
     if requested == "auto":
-        if len(kinds) == 1:
-            return kinds[0]
+        if kinds:
+            return CROSS if CROSS in kinds else kinds[0]  # both listed: the classifier, as before
         raise ModelError(
             f"{model}: not a reranker this tool knows (architectures: {listed}); expected "
             "...ForSequenceClassification or ...ForCausalLM, or pass --kind"

@@ -207,3 +207,11 @@ def test_probe_memory_refuses_the_same_max_length(cli, ce_model):
         assert code == 2 and out == "", err
         assert err == (f"error: --max-length 1024 is more than model '{ce_model}' reads: 512 tokens "
                        "(max_position_embeddings 512); use --max-length 512 or less\n")
+
+
+def test_architectures_of_both_kinds_pick_the_classifier_unless_told(cli, ce_model, pairs_jsonl, tmp_path):
+    model = _copy(ce_model, tmp_path / "both")
+    _edit_config(model, architectures=["BertForCausalLM", "BertForSequenceClassification"])
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli("score", str(pairs_jsonl), "-o", str(out), "-m", str(model))
+    assert code == 0 and "cpu: cross-encoder in fp32" in err, err
