@@ -2,17 +2,19 @@
 
 Heavy modules (torch, transformers, pyarrow) are imported inside commands, so `rerank --help` is fast
 and works even when the heavy stack is broken. Every `RerankError` becomes `error: <one line>` on
-stderr with its exit status (2, or 130 for Ctrl-C); `RERANK_DEBUG=1` re-raises with the traceback.
+stderr with its exit status (2, or 130 for Ctrl-C and 143 for SIGTERM, which stops a run the same
+way); `RERANK_DEBUG=1` re-raises with the traceback.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
 
-from rerank_cli.errors import ConfigError, Interrupted, RerankError
+from rerank_cli.errors import ConfigError, Interrupted, RerankError, Terminated
 
 app = typer.Typer(
     name="rerank",
@@ -251,22 +253,50 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn user errors into one line and an exit status."""
     import click
 
+    stop = _SigtermStop()
     try:
-        status = app(args=argv, standalone_mode=False)
+        with stop:
+            status = app(args=argv, standalone_mode=False)
     except click.exceptions.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        _fail(Interrupted("interrupted"))
-    except KeyboardInterrupt:
-        _fail(Interrupted("interrupted; finished shards are kept for resume"))
+        _fail(Interrupted.by(stop.cause))
+    except KeyboardInterrupt as exc:
+        _fail(Interrupted.by(exc, "; finished shards are kept for resume"))
     except RerankError as exc:
         _fail(exc)
     else:
-        if status == Interrupted.exit_code:  # Typer returns 130 for Ctrl-C instead of raising
-            _fail(Interrupted("interrupted; no output written"))
+        if status == Interrupted.exit_code:  # Typer returns 130 for Ctrl-C (and SIGTERM) instead of raising
+            _fail(Interrupted.by(stop.cause, "; no output written"))
         if isinstance(status, int) and status:
             sys.exit(status)
+
+
+class _SigtermStop:
+    """While a command runs, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread: the
+    cleanup of Ctrl-C runs, and the run ends with one line and exit status 143. Only the first SIGTERM
+    counts; more, while that cleanup runs, are ignored. `cause` remembers it (Typer turns it into 130)."""
+
+    def __init__(self) -> None:
+        self.cause: Terminated | None = None
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.cause = Terminated()
+        raise self.cause
+
+    def __enter__(self) -> _SigtermStop:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (an embedding caller): signals are not ours
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None and self.cause is None:  # after a SIGTERM, more stay ignored: we exit
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _fail(exc: RerankError) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,29 +104,73 @@ def load_preset(name: str) -> dict[str, Any]:
 def build_config(
     flags: dict[str, Any], preset: str | None = None, config_file: str | None = None
 ) -> RunConfig:
-    """Merge layers (later wins; a flag left as None does not override) and validate the result."""
-    layers: list[dict[str, Any]] = []
+    """Merge layers (later wins; a flag left as None does not override) and validate the result.
+
+    Every problem is reported at once: unknown settings and values of the wrong type (named with the
+    layer they came from), then what `problems_of` finds in the merged config.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
     if preset:
-        layers.append(load_preset(preset))
+        layers.append((f"preset {preset!r}: ", load_preset(preset)))
     if config_file:
-        layers.append(load_toml(Path(config_file), "config file"))
-    layers.append({k: v for k, v in flags.items() if v is not None})
+        layers.append((f"{config_file}: ", load_toml(Path(config_file), "config file")))
+    layers.append(("", {k: v for k, v in flags.items() if v is not None}))
     merged: dict[str, Any] = {}
     problems: list[str] = []
-    for layer in layers:
+    for where, layer in layers:
         for key, value in layer.items():
             key = key.replace("-", "_")
             if key not in FIELDS:
-                problems.append(f"unknown setting {key!r}")
+                problems.append(f"{where}unknown setting {key!r}")
                 continue
-            merged[key] = value
-    if isinstance(merged.get("devices"), (list, str)):
-        merged["devices"] = parse_devices(merged["devices"])
+            value, problem = coerce(key, value)
+            if problem:
+                problems.append(where + problem)
+                merged.pop(key, None)  # not checked further; the problem is reported
+            else:
+                merged[key] = value
+    cfg = RunConfig(**merged)
+    problems += problems_of(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
-    cfg = RunConfig(**merged)
-    validate(cfg)
     return cfg
+
+
+HINTS = typing.get_type_hints(RunConfig)
+WANTED = {bool: "true or false", int: "a whole number", str: "a string", dict: "a table",
+          tuple: "a list of device names or a comma-separated string"}
+
+
+def coerce(name: str, value: Any) -> tuple[Any, str | None]:
+    """`value` as field `name` holds it, or a problem naming the setting and the type it needs.
+
+    One rule for every field, from its annotation: a bool is not a number (nor a number a bool), a
+    whole float (512.0) is an int, `batch_tokens = "auto"` is None, devices may be a list or "a,b".
+    """
+    args = typing.get_args(HINTS[name])
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else HINTS[name]
+    base = typing.get_origin(base) or base
+    if value is None or (name == "batch_tokens" and value == "auto"):
+        return None, None if optional else f"{name} must be {WANTED[base]}, not empty"
+    if base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if base is tuple and isinstance(value, (str, list, tuple)) and all(isinstance(d, str) for d in value):
+        return parse_devices(value), None
+    ok = isinstance(value, base) and (base is not int or not isinstance(value, bool))
+    return (value, None) if ok else (value, f"{name} must be {WANTED[base]}, not {_described(value)}")
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (list, tuple)):
+        return f"the list {list(value)!r:.60}"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
 
 
 def parse_devices(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -135,26 +180,54 @@ def parse_devices(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def _choice(problems: list[str], name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} (got {value!r})")
+        problems.append(f"{_flag(name)} must be one of {', '.join(allowed)} (got {value!r})")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Report every problem at once, each naming the fix."""
-    problems: list[str] = []
+    """Raise every problem of `cfg` at once, each naming the fix."""
+    problems = problems_of(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def problems_of(cfg: RunConfig) -> list[str]:
+    """What cannot work in `cfg`: wrong types, values out of range or choice, clashing columns."""
+    typed = {f.name: coerce(f.name, getattr(cfg, f.name))[1] for f in dataclasses.fields(cfg)}
+    problems = [p for p in typed.values() if p]
+    if problems:  # the checks below assume the types are right
+        return problems
     _choice(problems, "kind", cfg.kind, KINDS)
     _choice(problems, "dtype", cfg.dtype, DTYPES)
     _choice(problems, "on_bad_row", cfg.on_bad_row, BAD_ROW_POLICIES)
     _choice(problems, "engine", cfg.engine, ENGINES)
     for name in ("max_length", "batch_size", "sort_window", "shard_rows", "gpus_per_worker"):
-        if int(getattr(cfg, name)) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if getattr(cfg, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
     if cfg.batch_tokens is not None and cfg.batch_tokens < 1:
         problems.append("--batch-tokens must be a positive number or 'auto'")
     if cfg.top_k is not None and cfg.top_k < 1:
         problems.append("--top-k must be at least 1")
     if cfg.output_dir and cfg.engine != "ray":
         problems.append("--output-dir works with --engine ray; use -o FILE with the local engine")
-    if cfg.query_col == cfg.passage_col:
-        problems.append("--query-col and --passage-col must differ")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    if not cfg.run_tag or any(ch.isspace() for ch in cfg.run_tag):
+        problems.append(f"--run-tag must be one word, without spaces (got {cfg.run_tag!r})")
+    return problems + _column_problems(cfg)
+
+
+COLUMNS = ("query_col", "passage_col", "instruction_col", "score_col", "group_col", "doc_col")
+PAIR_COLUMNS = ("query_col", "passage_col", "instruction_col", "score_col")  # four different columns
+
+
+def _column_problems(cfg: RunConfig) -> list[str]:
+    """Column names must name something, and the pair, instruction and score columns must differ."""
+    problems = [f"{_flag(name)} must name a column (got {getattr(cfg, name)!r})" for name in COLUMNS
+                if getattr(cfg, name) is not None and not getattr(cfg, name).strip()]
+    named = [(name, getattr(cfg, name)) for name in PAIR_COLUMNS if getattr(cfg, name)]
+    for i, (a, value) in enumerate(named):
+        problems += [f"{_flag(a)} and {_flag(b)} must differ (both are {value!r})"
+                     for b, other in named[i + 1:] if other == value]
+    return problems
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"

@@ -2,10 +2,12 @@
 
 Everything the user can cause (bad input, a bad flag, a model that is not a reranker) is raised deep
 inside as one of these, and turned into a one-line message and exit status 2 in exactly one place
-(`cli.main`). Anything else is a bug and keeps its traceback.
+(`cli.main`). Anything else is a bug and keeps its traceback. Ctrl-C and SIGTERM end as `Interrupted`.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 def first_line(exc: BaseException) -> str:
@@ -77,6 +79,24 @@ class WorkerError(RerankError):
 
 
 class Interrupted(RerankError):
-    """The user pressed Ctrl-C; finished work is kept for resume."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143, 128 + the signal) stopped the run; finished work is kept
+    for resume. Build it with `Interrupted.by(the KeyboardInterrupt)`, which knows the signal."""
 
     exit_code = 130
+
+    @classmethod
+    def by(cls, cause: BaseException | None, detail: str = "") -> Interrupted:
+        """The error for a run stopped by `cause`: a KeyboardInterrupt (Ctrl-C), or `Terminated` (SIGTERM)."""
+        signum = getattr(cause, "signum", signal.SIGINT)
+        name = "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        err = cls(name + detail)
+        err.exit_code = 128 + signum
+        return err
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the handler `cli.main` installs. A KeyboardInterrupt, so
+    every cleanup path Ctrl-C takes (temporary output removed, finished shards kept, workers stopped,
+    a Ray cluster shut down) runs for SIGTERM too."""
+
+    signum = signal.SIGTERM

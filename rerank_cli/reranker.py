@@ -50,7 +50,7 @@ class Reranker:
         self.scorer = load_scorer(
             model, self.device, kind=kind, dtype=dtype, template=template, max_length=max_length,
             instruction=instruction, normalize=normalize, trust_remote_code=trust_remote_code,
-            device_map=device_map,
+            device_map=device_map, log=self.log,
         )
         self.max_length = max_length
         tokens, why = initial_budget(self.scorer, model, self.device, max_length, batch_tokens)

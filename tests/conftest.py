@@ -96,6 +96,7 @@ def cli(capsys):
     from rerank_cli.cli import main
 
     def invoke(*args: str):
+        capsys.readouterr()  # what this call writes, not what fixtures built before it printed
         code = 0
         try:
             main(list(args))

@@ -222,10 +222,12 @@ def probe_memory(cfg, devices: list[str], headroom: float = 0.1, estimate: bool 
         raise ConfigError(f"--headroom must be at least 0 and below 1 (got {headroom})")
     log = log or (lambda msg: None)
     if estimate:
+        from rerank_cli.model.checks import check_max_length
         from rerank_cli.model.load import detect_kind, load_config
 
         config = load_config(cfg.model, cfg.trust_remote_code)
         kind = detect_kind(config, cfg.kind, cfg.model)
+        check_max_length(config, cfg.max_length, cfg.model)  # as `rerank score` would refuse it
         return [estimate_device(cfg, config, kind, d, headroom, memory, log) for d in devices]
     results = []
     for device in devices:

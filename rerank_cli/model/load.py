@@ -2,7 +2,8 @@
 
 Owns the choice of kind (from the config's architectures, or --kind), the dtype the weights load in
 (`precision.choose_dtype`), the device placement (or a device map spread over several GPUs), and the
-final-layer trim (`lean.py`). What a loaded scorer does with a batch is `scorers.py`'s job.
+final-layer trim (`lean.py`). `checks.py` refuses, on the way, a model that would score silently
+wrong. What a loaded scorer does with a batch is `scorers.py`'s job.
 """
 
 from __future__ import annotations
@@ -10,30 +11,23 @@ from __future__ import annotations
 import os
 
 from rerank_cli.errors import ModelError, first_line
+from rerank_cli.model.checks import check_head_tokens, check_max_length, check_tokenizer, check_weights, kind_for
 from rerank_cli.model.precision import Precision, check_device, choose_dtype
-from rerank_cli.model.scorers import CROSS, LLM, BaseScorer, CrossEncoderScorer, LLMScorer
+from rerank_cli.model.scorers import CROSS, BaseScorer, CrossEncoderScorer, LLMScorer
 from rerank_cli.model.templates import make_template
 
 
 def detect_kind(config, requested: str, model: str) -> str:
-    """cross-encoder for ...ForSequenceClassification, llm for ...ForCausalLM, unless --kind says."""
-    if requested != "auto":
-        return requested
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return CROSS
-    if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
-        return LLM
-    found = ", ".join(archs) or "none listed"
-    raise ModelError(
-        f"{model}: not a reranker this tool knows (architectures: {found}); expected "
-        "...ForSequenceClassification or ...ForCausalLM, or pass --kind"
-    )
+    """cross-encoder for ...ForSequenceClassification, llm for ...ForCausalLM; a --kind they contradict
+    is an error (`checks.kind_for`)."""
+    return kind_for(config, requested, model)
 
 
 def load_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    if os.path.exists(model) and not os.path.isdir(model):
+        raise ModelError(f"model {model!r} is a file, not a model folder (config.json, weights, tokenizer files)")
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -53,16 +47,23 @@ def load_scorer(
     normalize: bool = False,
     trust_remote_code: bool = False,
     device_map: dict | str | None = None,
+    log=None,
 ) -> BaseScorer:
-    """Load tokenizer and weights once for `device`, at the dtype `choose_dtype` picks."""
+    """Load tokenizer and weights once for `device`, at the dtype `choose_dtype` picks.
+
+    A model that would score silently wrong is refused on the way (`checks.py`); `log` gets notes.
+    """
     check_device(device)
     precision = choose_dtype(dtype, device)
     quiet_transformers()
     config = load_config(model, trust_remote_code)
     kind = detect_kind(config, kind, model)
+    check_max_length(config, max_length, model)
     tokenizer = _load_tokenizer(model, trust_remote_code)
+    check_tokenizer(tokenizer, config, model)
     tmpl = make_template(kind, template, tokenizer, max_length, instruction)
-    net = _load_weights(model, kind, precision, device, trust_remote_code, device_map)
+    check_head_tokens(tmpl, tokenizer, model)
+    net = _load_weights(model, kind, precision, device, trust_remote_code, device_map, log)
     if device_map is None:  # a layer split across devices keeps its stock forward (and accelerate's hooks)
         from rerank_cli.model.lean import prune_last_layer
 
@@ -92,18 +93,21 @@ def _load_tokenizer(model: str, trust_remote_code: bool):
 
 
 def _load_weights(model: str, kind: str, precision: Precision, device: str, trust_remote_code: bool,
-                  device_map):
+                  device_map, log=None):
     import transformers
 
     auto = transformers.AutoModelForSequenceClassification, transformers.AutoModelForCausalLM
     cls = auto[0] if kind == CROSS else auto[1]
-    kwargs = {"dtype": precision.torch_dtype, "trust_remote_code": trust_remote_code}
+    # Shape mismatches are listed (not raised with a pointer to a silenced report) for check_weights.
+    kwargs = {"dtype": precision.torch_dtype, "trust_remote_code": trust_remote_code,
+              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        net = cls.from_pretrained(model, **kwargs)
+        net, info = cls.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {model!r}: cannot load {kind} weights: {first_line(exc)}") from None
+    check_weights(info, net, model, log)
     if device_map is None:
         net = net.to(device)
     return net.eval()

@@ -95,6 +95,7 @@ class BgeTemplate:
     """FlagLLMReranker's prompt for bge-reranker-v2-gemma style causal rerankers."""
 
     name = "bge"
+    head_words = ("Yes",)  # the score is the logit of its first token
 
     def __init__(self, tokenizer, max_length: int, prompt: str | None = None):
         self.tok = backend(tokenizer)
@@ -105,7 +106,7 @@ class BgeTemplate:
         self.sep = _ids(self.tok, ["\n"])[0]
         self.default_prompt = prompt or BGE_PROMPT
         self.prompt_ids = _ids(self.tok, [self.default_prompt])[0]
-        self.head_ids = [_ids(self.tok, ["Yes"])[0][0]]
+        self.head_ids = (_ids(self.tok, ["Yes"])[0] or [None])[:1]  # None: checked by model/checks.py
 
     def encode(self, queries, passages, instructions=None) -> list[Encoded]:
         qs = _ids(self.tok, [f"A: {q}" for q in queries], self.query_max)
@@ -134,6 +135,7 @@ class Qwen3Template:
     """The Qwen3-Reranker chat format; score = logit(yes) - logit(no), sigmoid = p(yes)."""
 
     name = "qwen3"
+    head_words = ("no", "yes")
 
     def __init__(self, tokenizer, max_length: int, instruction: str | None = None):
         self.tok = backend(tokenizer)

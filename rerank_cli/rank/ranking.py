@@ -10,7 +10,8 @@ Owns the ranking rules, used by `rerank score --top-k`, `rerank rank` and `reran
   file. Without a K (a TREC run or `rerank rank` without `--top-k`) every row is ranked and kept;
   for TREC output only the query id, document id and score of each row are kept.
 - Output: group by group, in the order each group first appears in the input, rank ascending within
-  a group. An existing `rank` column (e.g. a first-stage rank) is replaced by the new one.
+  a group. An existing `rank` column (e.g. a first-stage rank) is replaced by the new one; ranking by
+  it, grouping by it or taking document ids from it is refused (`RankSpec.from_config`).
 
 It does not read files or score anything: `RankingWriter` wraps the output writer (`engines.job.open_output`)
 and collects while the executors write, then emits the ranked rows when it closes, through the wrapped
@@ -29,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rerank_cli.errors import InputError, OutputError
+from rerank_cli.errors import ConfigError, InputError, OutputError
 from rerank_cli.io.formats import WRITE_FORMATS, detect_format, display_name
 from rerank_cli.io.writers import Writer, check_output_path, open_writer, register_writer
 
@@ -53,6 +54,11 @@ class RankSpec:
     @classmethod
     def from_config(cls, cfg) -> RankSpec:
         trec = output_format(cfg) == TREC
+        clash = [f"--{name.replace('_', '-')}" for name in ("score_col", "group_col", "doc_col")
+                 if getattr(cfg, name) == RANK_COL and (name != "doc_col" or trec)]
+        if clash:
+            raise ConfigError(f"{' and '.join(clash)} {RANK_COL!r} clashes with the {RANK_COL!r} column the ranking "
+                              "writes, which would replace it; use a column of another name")
         return cls(k=cfg.top_k, score=cfg.score_col, group=cfg.group_col, query=cfg.query_col or "query",
                    doc=cfg.doc_col if trec else None, trec=trec, source=cfg.input)
 

@@ -55,10 +55,10 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
             reporter.info(plan.headline())
             summary = ParallelRun(cfg, plan, workdir, fp, resume, reporter, faults).run()
         ok = True
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
         kept = workdir.finished() and not workdir.temporary
-        raise Interrupted("interrupted" + (f"; finished shards are kept in {workdir.path}: rerun to resume"
-                                           if kept else "")) from None
+        raise Interrupted.by(stop, f"; finished shards are kept in {workdir.path}: rerun to resume"
+                             if kept else "") from None
     finally:
         workdir.finish() if ok or not workdir.finished() else workdir.close()  # keep only what resumes
     return summary

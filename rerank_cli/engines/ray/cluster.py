@@ -16,9 +16,11 @@ import math
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +78,7 @@ def ray_session(ray, cfg: RunConfig, reporter: Reporter):
 
 def _init(ray, address: str, options: dict) -> None:
     """`ray.init`, with a failure to connect (or to authenticate) turned into one line that names the fix."""
-    with _fd2_captured(os.environ.get("RERANK_DEBUG") != "1") as captured:
+    with _fd2_captured(os.environ.get("RERANK_DEBUG") != "1") as captured, _sigterm_kept():
         try:
             ray.init(address=address, **options)
             return
@@ -121,6 +123,18 @@ def _reload_auth() -> None:
         return
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def _sigterm_kept():
+    """ray.init makes SIGTERM `sys.exit(15)`; keep the caller's handler (cli.main's stops the run as
+    Ctrl-C does: the cluster shut down, no output, one line, exit 143)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 def probe(address: str, timeout_s: float = 5.0) -> None:

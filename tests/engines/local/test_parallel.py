@@ -222,3 +222,68 @@ def test_two_workers_on_one_gpu_score_like_the_cpu(rerank_proc, pairs, ce_model,
     rows = read_rows(out)
     assert [r["pid"] for r in rows] == [r["pid"] for r in inline_rows]
     assert np.allclose([r["score"] for r in rows], [r["score"] for r in inline_rows], rtol=1e-4, atol=1e-4)
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Processes of the process group that are still running (zombies, waiting to be reaped, do not count)."""
+    alive = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat)
+    return alive
+
+
+def _sigterm_group_when(ready, args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start `rerank ARGS` in a process group of its own, SIGTERM the whole group once `ready()`."""
+    proc = subprocess.Popen([sys.executable, "-m", "rerank_cli", *args], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # parent and workers alike, as a supervisor or `kill -- -PGID` does
+    _, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "worker processes were left behind"
+    return proc, err.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process groups from /proc")
+def test_sigterm_to_the_group_stops_like_ctrl_c_and_the_same_command_resumes(pairs, ce_model, tmp_path,
+                                                                             parallel_bytes):
+    out = tmp_path / "out.jsonl"
+    work = tmp_path / ".out.jsonl.rerank-work"
+    args = ["score", pairs, "-o", str(out), "-m", ce_model, *SPAWN]
+    proc, err = _sigterm_group_when(lambda: glob.glob(str(work / "*.done")), [*args, "-q"])
+    assert proc.returncode == 143, err
+    assert err == f"error: terminated by SIGTERM; finished shards are kept in {work}: rerun to resume\n"
+    assert not out.exists() and not glob.glob(str(tmp_path / ".out.jsonl.rerank-tmp*"))
+    done = len(glob.glob(str(work / "*.done")))
+    assert 1 <= done < 12
+
+    again = subprocess.run([sys.executable, "-m", "rerank_cli", *args], capture_output=True, timeout=240,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert again.returncode == 0, again.stderr.decode()
+    assert f"resuming: {done} of 12 shards already done ({work})" in again.stderr.decode()
+    assert out.read_bytes() == parallel_bytes
+    assert not work.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process groups from /proc")
+def test_sigterm_while_the_workers_load_leaves_nothing(pairs, ce_model, tmp_path):
+    out = tmp_path / "out.jsonl"
+    work = tmp_path / ".out.jsonl.rerank-work"
+    # the parent has written the first shards and started the workers; none has finished one
+    proc, err = _sigterm_group_when(lambda: glob.glob(str(work / "*.in.arrow")),
+                                    ["score", pairs, "-o", str(out), "-m", ce_model, *SPAWN, "-q"])
+    assert proc.returncode == 143, err
+    assert err == "error: terminated by SIGTERM\n"
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file, no work dir: nothing to resume

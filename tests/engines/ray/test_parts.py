@@ -210,3 +210,39 @@ def test_unreadable_local_input_is_explained_by_our_own_reader(tmp_path):
     bad.write_text('{"query": "a", "passage": "b"}\n{"query": "a", "passage": \n')
     err = explain_read_error(cfg(input=str(bad)), ValueError("Extra data: line 2 column 1 (char 31)"))
     assert str(err) == f"{bad}:2: malformed JSON (Expecting value at column 1)"
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------------
+
+
+def test_ray_init_does_not_take_sigterm_from_the_cli():
+    """ray.init makes SIGTERM sys.exit(15); the session puts back the handler cli.main installed, so
+    SIGTERM still stops the run like Ctrl-C (cluster shut down, one line, exit 143)."""
+    import signal
+    import sys
+
+    from rerank_cli.engines.ray.cluster import ray_session
+
+    class FakeRay:
+        shut = False
+
+        def is_initialized(self):
+            return False
+
+        def init(self, **options):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+
+        def shutdown(self):
+            self.shut = True
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        ray = FakeRay()
+        with ray_session(ray, cfg(), Reporter(quiet=True)):
+            assert signal.getsignal(signal.SIGTERM) is ours
+        assert ray.shut
+    finally:
+        signal.signal(signal.SIGTERM, before)
