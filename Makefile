@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint bench parity clean
+.PHONY: install demo test test-fast lint bench parity gpu-check clean
 
 install: $(STAMP)
 
@@ -38,5 +38,13 @@ bench: install
 parity: install
 	$(BIN)/python benchmarks/parity.py
 
+# The GPU check (benchmarks/gpu_check.py): pytest -m gpu, benchmarks on real shapes, reports in GPU_OUT.
+# With GPU_PY set it runs on that interpreter and installs nothing (a lent GPU machine has no network):
+#   make gpu-check GPU_PY=python3 GPU_OUT=$OUT
+GPU_OUT ?= gpu-check-out
+GPU_PY ?=
+gpu-check: $(if $(GPU_PY),,install)
+	$(if $(GPU_PY),$(GPU_PY),$(BIN)/python) benchmarks/gpu_check.py $(GPU_OUT) $(GPU_ARGS)
+
 clean:
-	rm -rf $(VENV) demo bench-out .pytest_cache
+	rm -rf $(VENV) demo bench-out gpu-check-out .pytest_cache

@@ -5,6 +5,8 @@ Tests, `make demo` and `make bench` use these instead of hub downloads: a BERT c
 (`Qwen2ForCausalLM`, byte-level BPE tokenizer trained with `tokenizers`, with "Yes"/"yes"/"no" single
 tokens, a bos token, and the Qwen3 chat markers as special tokens). Both load with `from_pretrained`
 in transformers 4 and 5, so FlagEmbedding and sentence-transformers accept them too.
+`build_shaped` gives random weights the shape of a real model (`SHAPES`: bge-reranker-v2-m3,
+Qwen3-Reranker-0.6B) for GPU benchmarks and memory tests (`make gpu-check`).
 
     python -m rerank_cli.model.tiny OUT_DIR [--size tiny|bench] [--pairs N]
 """
@@ -32,6 +34,13 @@ QWEN2_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Real rerankers' shapes for `build_shaped`: parameters, embedding size and so memory and FLOPs are theirs.
+SHAPES = {
+    "bge-reranker-v2-m3": dict(arch="xlm-roberta", layers=24, hidden=1024, heads=16, intermediate=4096,
+                               vocab=250002, positions=8194),  # XLM-RoBERTa large: 568M parameters
+    "qwen3-reranker-0.6b": dict(arch="qwen3", layers=28, hidden=1024, heads=16, kv_heads=8, head_dim=128,
+                                intermediate=3072, vocab=151936, tied=True),  # 596M parameters
+}
 # Weight init std: large enough that scores spread (0.02 gives near-constant scores on random weights),
 # small enough for deeper bench models to stay numerically well-conditioned.
 INIT_RANGE = {"tiny": 0.2, "bench": 0.08}
@@ -196,6 +205,56 @@ def _loadable_by_transformers_4(config_path: Path, cls: str = "PreTrainedTokeniz
     if isinstance(cfg.get("extra_special_tokens"), list):
         cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
     config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def build_shaped(path: str | Path, shape: dict, *, seed: int = 0, tokenizer_vocab: int = 8000,
+                 dtype: str = "bfloat16", device: str = "cpu", init_range: float = 0.05) -> Path:
+    """A random-weight reranker of `shape` (a `SHAPES` entry, or one with some numbers changed), saved in `dtype`.
+
+    The tokenizer is trained here on `tokenizer_vocab` entries (Unigram for XLM-RoBERTa, byte-level BPE for
+    Qwen3); the embedding keeps the shape's vocabulary, so parameters and memory are the real model's and
+    every token id is in range. `device` is where the weights are initialized ("cuda" is much faster for
+    the 0.6B shapes); they are saved from there.
+    """
+    import torch
+
+    arch = shape["arch"]
+    if arch == "xlm-roberta":
+        hf_tok = _unigram_tokenizer(seed, tokenizer_vocab)
+    elif arch == "qwen3":
+        hf_tok = _byte_bpe_tokenizer(seed, tokenizer_vocab)
+    else:
+        raise ValueError(f"unknown shaped arch {arch!r} (known: xlm-roberta, qwen3)")
+    if len(hf_tok) > shape["vocab"]:
+        raise ValueError(f"the tokenizer's {len(hf_tok)} tokens do not fit a vocabulary of {shape['vocab']}")
+    out = Path(path)
+    hf_tok.save_pretrained(out)
+    _loadable_by_transformers_4(out / "tokenizer_config.json",
+                                "XLMRobertaTokenizer" if arch == "xlm-roberta" else "PreTrainedTokenizerFast")
+    cls, config = _shaped_config(shape, hf_tok, init_range)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(config)
+    model.to(getattr(torch, dtype)).eval().save_pretrained(out)
+    return out
+
+
+def _shaped_config(shape: dict, hf_tok, init_range: float):
+    common = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                  num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"],
+                  initializer_range=init_range, pad_token_id=hf_tok.pad_token_id)
+    if shape["arch"] == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+        return XLMRobertaForSequenceClassification, XLMRobertaConfig(
+            max_position_embeddings=shape["positions"], type_vocab_size=1, num_labels=1,
+            bos_token_id=hf_tok.cls_token_id, eos_token_id=hf_tok.sep_token_id, **common)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM, Qwen3Config(
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], tie_word_embeddings=shape["tied"],
+        max_position_embeddings=40960, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+        **common)
 
 
 def make_pairs(n: int, seed: int = 0, queries: int | None = None, long_every: int = 7) -> dict[str, list]:

@@ -156,13 +156,15 @@ def _pin(spec) -> tuple[str, str | None]:
     """Bind this process to its device(s) before any CUDA work, and size its CPU thread pool.
 
     One GPU: `torch.cuda.set_device`. A GPU group: CUDA_VISIBLE_DEVICES narrowed to the group, and the
-    model spread over it with a balanced device map (the group's first GPU is cuda:0 in here).
+    model spread over it with a balanced device map (the group's first GPU is cuda:0 in here). A GPU the
+    group lists twice (`--devices cuda:0,cuda:0 --gpus-per-worker 2`: the device-map path on one GPU) is
+    made visible once: CUDA gives no promise for repeated ids.
     """
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # the parent draws the one progress bar
     os.environ["OMP_NUM_THREADS"] = str(spec.threads)
     os.environ["RAYON_NUM_THREADS"] = str(spec.threads)
     if spec.is_group:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec.physical)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(dict.fromkeys(spec.physical))
     import torch
 
     torch.set_num_threads(spec.threads)
