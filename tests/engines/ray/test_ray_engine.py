@@ -195,3 +195,26 @@ def test_output_dir_parts_sort_in_input_order(ray_address, pairs_parquet, ce_mod
     assert len(parts) >= 2
     assert_same_scores(pa.concat_tables(pq.read_table(p) for p in parts), local_parquet)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_window_mode_matches_local_with_bad_rows_skipped(ray_address, holey_parquet, ce_model, tmp_path):
+    # Long passages in windows: Ray's actors flatten and aggregate them exactly as the local engine does,
+    # the `windows` column comes back null-free for scored rows, and the actors' counters reach the summary.
+    window = ["--long-passages", "window", "--max-length", "128", "--max-windows", "4", "--sort-window", "16",
+              "--on-bad-row", "skip", "--dtype", "fp32"]
+    local_out = tmp_path / "local.parquet"
+    local = score_file(str(holey_parquet), str(local_out), model=ce_model, dtype="fp32", sort_window=16,
+                       long_passages="window", max_length=128, max_windows=4, on_bad_row="skip",
+                       rejects=str(tmp_path / "local-rejects.jsonl"))
+    out = tmp_path / "out.parquet"
+    proc = ray_score(ray_address, str(holey_parquet), "-o", str(out), "-m", ce_model, "--ray-workers", "2", *window)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    got, want = pq.read_table(out), pq.read_table(local_out)
+    assert got.schema.names == want.schema.names and got.schema.names[-2:] == ["score", "windows"]
+    assert got["windows"].to_pylist() == want["windows"].to_pylist() and got["windows"].null_count == 0
+    assert_same_scores(got.drop_columns(["windows"]), want.drop_columns(["windows"]))
+    assert local.split > 0 and local.truncated > 0
+    assert local.truncation_text() in err.strip().splitlines()[-1]
+    assert [json.loads(line)["where"] for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()] == \
+        ["row 50", "row 101"]
