@@ -201,6 +201,8 @@ class BgeTemplate:
     def _pair(self, first, query_cut: bool, p, prompt, room: int, policy: WindowPolicy) -> PairWindows:
         tail = self.sep + prompt
         passage = p.ids
+        if len(passage) <= room:  # it fits: nothing to cut, nothing to find
+            return PairWindows([Encoded(first + self.sep + passage + tail)], query_cut)
         label = label_length(p.offsets[:8], len(BGE_PASSAGE))
         width = room - label
         if width < 1:  # no room past the label: exactly the reference's rule, one window
@@ -257,6 +259,8 @@ class Qwen3Template:
 
     def _pair(self, head_chars: int, b, has_passage: bool, policy: WindowPolicy) -> PairWindows:
         ids = b.ids
+        if len(ids) <= self.body_max:  # it fits: nothing to cut, nothing to find
+            return PairWindows([Encoded(self.prefix + ids + self.suffix)])
         head = label_length(b.offsets, head_chars)
         width = self.body_max - head
         if width < 1:  # the instruction and query fill the body: cut as one text, one window
