@@ -176,9 +176,9 @@ class Reranker:
         """The window scores of a group of pairs (flat, pair by pair) and each pair's window count."""
         counts = np.fromiter((len(p.windows) for p in group), dtype=np.int32, count=len(group))
         flat = [w for p in group for w in p.windows]
-        rows = np.repeat(np.arange(len(group)), counts) if len(flat) != len(group) else None
-        progress = _PairProgress(on_batch, len(group), len(flat)) if on_batch and rows is not None else on_batch
-        scores = score_window(self.scorer, flat, self.budget, progress, first_row, rows)
+        owners = np.repeat(np.arange(len(group)), counts) if len(flat) != len(group) else None
+        progress = _PairProgress(on_batch, len(group), len(flat)) if on_batch and owners is not None else on_batch
+        scores = score_window(self.scorer, flat, self.budget, progress, first_row, owners)
         self._count(group, counts)
         return scores, counts
 

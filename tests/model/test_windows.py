@@ -298,3 +298,16 @@ def test_window_settings_are_checked_all_at_once(ce_model):
         assert part in text
     with pytest.raises(ConfigError, match="--aggregate works with --long-passages window"):
         Reranker(ce_model, "cpu", aggregate="mean")
+
+
+def test_a_window_too_large_for_memory_names_its_pairs_row(llm_model, monkeypatch):
+    # Every batch "runs out of memory" (RERANK_FAULT_OOM_TOKENS), so the longest window fails alone: it
+    # belongs to row 2 (its long instruction makes its windows the longest), the 6th window in the chunk.
+    from rerank_cli.errors import PairTooLargeError
+
+    monkeypatch.setenv("RERANK_FAULT_OOM_TOKENS", "1")
+    r = Reranker(llm_model, "cpu", max_length=ML, long_passages="window")
+    passage = " ".join(["ka"] * 200)
+    with pytest.raises(PairTooLargeError, match=r"^row 2 \("):
+        r.score_chunk(["ka", "ka"], [passage, passage], ["short", "a much longer instruction " * 3])
+    assert len(r.scorer.template.pairs(["ka"], [passage], None, r.policy)[0].windows) > 4
