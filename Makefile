@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/bench_parallel.py
 	$(BIN)/python benchmarks/bench_ray.py
+	$(BIN)/python benchmarks/bench_windows.py
 
 parity: install
 	$(BIN)/python benchmarks/parity.py

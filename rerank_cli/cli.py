@@ -29,6 +29,7 @@ IO = "Input and output"
 MODEL = "Model"
 RUN = "Devices and batching"
 RANK = "Ranking"
+LONG = "Long passages"
 
 
 def _batch_tokens(value: str | None) -> int | None:
@@ -79,6 +80,15 @@ def score(
     dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 (default: auto).", rich_help_panel=MODEL),
     trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code", help="Allow model code.",
                                                      rich_help_panel=MODEL),
+    long_passages: str | None = typer.Option(None, help="truncate (default: cut at --max-length, like the "
+                                                           "peers) or window: score long passages whole, in windows.",
+                                                rich_help_panel=LONG),
+    window_stride: int | None = typer.Option(None, help="Tokens between window starts (default: half a window).",
+                                                rich_help_panel=LONG),
+    aggregate: str | None = typer.Option(None, help="A pair's score from its windows': max|first|mean|sum "
+                                                       "(default: max).", rich_help_panel=LONG),
+    max_windows: int | None = typer.Option(None, help="Windows per passage at most; the rest is cut and counted "
+                                                         "(default: 32).", rich_help_panel=LONG),
     device: str | None = typer.Option(None, help="One device: cpu, cuda, cuda:N.", rich_help_panel=RUN),
     devices: str | None = typer.Option(None, help="Several devices: cuda:0,cuda:1 or cpu,cpu.",
                                           rich_help_panel=RUN),

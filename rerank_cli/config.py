@@ -21,6 +21,9 @@ KINDS = ("auto", "cross-encoder", "llm")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 BAD_ROW_POLICIES = ("error", "skip")
 ENGINES = ("local", "ray")
+LONG_PASSAGES = ("truncate", "window")
+AGGREGATES = ("max", "first", "mean", "sum")
+MAX_WINDOWS = 32  # windows per passage in window mode unless --max-windows says
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class RunConfig:
     instruction: str | None = None
     max_length: int = 512
     normalize: bool = False
+    long_passages: str = "truncate"
+    window_stride: int | None = None  # None: half a window
+    aggregate: str | None = None  # None: max
+    max_windows: int | None = None  # None: MAX_WINDOWS
     dtype: str = "auto"
     devices: tuple[str, ...] = ()
     gpus_per_worker: int = 1
@@ -200,6 +207,7 @@ def problems_of(cfg: RunConfig) -> list[str]:
     _choice(problems, "dtype", cfg.dtype, DTYPES)
     _choice(problems, "on_bad_row", cfg.on_bad_row, BAD_ROW_POLICIES)
     _choice(problems, "engine", cfg.engine, ENGINES)
+    problems += window_problems(cfg.long_passages, cfg.window_stride, cfg.aggregate, cfg.max_windows)
     for name in ("max_length", "batch_size", "sort_window", "shard_rows", "gpus_per_worker"):
         if getattr(cfg, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
@@ -231,3 +239,20 @@ def _column_problems(cfg: RunConfig) -> list[str]:
 
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
+
+
+def window_problems(long_passages: str, window_stride: int | None, aggregate: str | None,
+                    max_windows: int | None) -> list[str]:
+    """What is wrong with the long-passage settings (the CLI's and the Python API's shared rules)."""
+    problems: list[str] = []
+    _choice(problems, "long_passages", long_passages, LONG_PASSAGES)
+    given = {"window_stride": window_stride, "aggregate": aggregate, "max_windows": max_windows}
+    if long_passages == "truncate":
+        problems += [f"{_flag(name)} works with --long-passages window (truncate scores one window)"
+                     for name, value in given.items() if value is not None]
+    if aggregate is not None:
+        _choice(problems, "aggregate", aggregate, AGGREGATES)
+    for name, value in (("window_stride", window_stride), ("max_windows", max_windows)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"{_flag(name)} must be a whole number of at least 1 (got {value!r})")
+    return problems

@@ -33,15 +33,15 @@ def run_inline(cfg: RunConfig, device: str, reporter: Reporter) -> Summary:
     chunks = open_chunks(cfg)
     reranker = Reranker.from_config(cfg, device, log=reporter.info)
     describe_choices(reporter, device, reranker)
-    summary = Summary(devices=[device], dtype=reranker.precision.name, output=cfg.output)
+    summary = Summary.for_run(cfg, devices=[device], dtype=reranker.precision.name, output=cfg.output)
     reporter.start(input_rows(cfg))
     row = 1
     with open_output(cfg) as writer, RejectSink(cfg) as rejects:
         for chunk in chunks:
             rejects.add(chunk.rejects)
             q, p, inst = pair_columns(chunk, columns)
-            scores = reranker.score_columns(q, p, inst, on_batch=reporter.advance, first_row=row)
-            writer.write(with_scores(chunk.batch, scores, cfg.score_col))
+            scored = reranker.score_chunk(q, p, inst, on_batch=reporter.advance, first_row=row)
+            writer.write(with_scores(chunk.batch, scored, cfg))
             row += chunk.num_rows
         reporter.stop()
     return finish(summary, reranker.stats, rejects, started)

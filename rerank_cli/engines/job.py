@@ -16,12 +16,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from rerank_cli.config import RunConfig
+from rerank_cli.config import MAX_WINDOWS, RunConfig
 from rerank_cli.errors import ConfigError
 from rerank_cli.io.readers import Chunk, Columns, read_chunks
 from rerank_cli.io.writers import open_writer, write_rejects
 from rerank_cli.progress import Reporter
 from rerank_cli.rank.ranking import check_ranking_columns, open_ranked_output, wants_ranking
+
+WINDOWS_COL = "windows"  # the column window mode adds: how many windows each pair was scored in
+# What every engine adds up from its scorers' stats for the summary (workers and actors send these).
+COUNTERS = ("backoffs", "fp32_reruns", "truncated", "queries_cut", "passages_cut", "capped", "split",
+            "split_windows")
 
 
 @dataclass
@@ -38,6 +43,25 @@ class Summary:
     rejects_path: str | None = None
     output: str = "-"
     per_device: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # pairs whose query or passage lost tokens (in window mode: what windows did not cover)
+    queries_cut: int = 0
+    passages_cut: int = 0
+    capped: int = 0  # window mode: passages whose windows reached --max-windows
+    split: int = 0  # window mode: passages scored in more than one window
+    split_windows: int = 0
+    max_length: int = 512
+    long_passages: str = "truncate"
+    max_windows: int = MAX_WINDOWS
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, **fields: Any) -> Summary:
+        """A summary that knows the settings its line quotes (max length, long-passage mode)."""
+        return cls(max_length=cfg.max_length, long_passages=cfg.long_passages,
+                   max_windows=cfg.max_windows or MAX_WINDOWS, **fields)
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + int(counts.get(name, 0)))
 
     @property
     def pairs_per_s(self) -> float:
@@ -54,7 +78,32 @@ class Summary:
             text += f"; {self.backoffs} out-of-memory back-offs"
         if self.fp32_reruns:
             text += f"; {self.fp32_reruns} batches re-run in fp32"
+        return text + self.truncation_text()
+
+    def truncation_text(self) -> str:
+        """What was cut or split, never silent: "; 1,204 pairs truncated at 512 tokens (...)"."""
+        if self.long_passages != "window":
+            if not self.truncated:
+                return ""
+            why = "--long-passages window scores them whole"
+            if self.queries_cut:
+                why = f"{self.queries_cut:,} with the query cut; --long-passages window scores long passages whole"
+            return f"; {_many(self.truncated, 'pair')} truncated at {self.max_length} tokens ({why})"
+        text = f"; {_many(self.split, 'long passage')} scored in {self.split_windows:,} windows" if self.split else ""
+        if self.truncated:
+            parts = []
+            if self.capped:
+                parts.append(f"{_many(self.capped, 'passage')} past --max-windows {self.max_windows}")
+            if self.queries_cut:
+                parts.append(f"{self.queries_cut:,} with the query cut")
+            text += f"; {_many(self.truncated, 'pair')} still truncated at {self.max_length} tokens"
+            text += f" ({', '.join(parts)})" if parts else ""
         return text
+
+
+def _many(n: int, noun: str) -> str:
+    """"1 pair", "1,204 pairs"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def open_output(cfg: RunConfig):
@@ -75,6 +124,7 @@ def open_chunks(cfg: RunConfig):
     first = next(chunks, None)
     if first is not None:
         check_ranking_columns(cfg, first.batch.schema)
+        check_added_columns(cfg, first.batch.schema)
     return itertools.chain([first], chunks) if first is not None else iter(())
 
 
@@ -86,8 +136,39 @@ def pair_columns(chunk: Chunk, columns: Columns):
     return q, p, inst
 
 
-def with_scores(batch: pa.RecordBatch, scores, name: str) -> pa.RecordBatch:
-    return batch.append_column(pa.field(name, pa.float32()), pa.array(scores, type=pa.float32()))
+def added_columns(cfg: RunConfig, scored, mask=None) -> list[tuple[pa.Field, pa.Array]]:
+    """The columns scoring appends: the float32 score, and in window mode the int32 window count.
+
+    With a `mask` (Ray: rows left unscored), the values go to the True rows and the rest are null."""
+    cols = [(pa.field(cfg.score_col, pa.float32()), _placed(scored.scores, mask, pa.float32()))]
+    if cfg.long_passages == "window":
+        cols.append((pa.field(WINDOWS_COL, pa.int32()), _placed(scored.windows, mask, pa.int32())))
+    return cols
+
+
+def added_names(cfg: RunConfig) -> list[str]:
+    return [cfg.score_col] + ([WINDOWS_COL] if cfg.long_passages == "window" else [])
+
+
+def _placed(values, mask, type_: pa.DataType) -> pa.Array:
+    if mask is None:
+        return pa.array(values, type=type_)
+    it = iter(values.tolist())
+    return pa.array([next(it) if ok else None for ok in mask], type=type_)
+
+
+def with_scores(batch, scored, cfg: RunConfig):
+    """`batch` (a RecordBatch or Table) with the scoring columns appended."""
+    for f, column in added_columns(cfg, scored):
+        batch = batch.append_column(f, column)
+    return batch
+
+
+def check_added_columns(cfg: RunConfig, schema: pa.Schema) -> None:
+    """Window mode adds a `windows` column: an input column of that name is an error, like the score's."""
+    if cfg.long_passages == "window" and WINDOWS_COL in schema.names:
+        raise ConfigError(f"{cfg.input} already has a column {WINDOWS_COL!r}, which --long-passages window "
+                          "adds; rename that column")
 
 
 def input_rows(cfg: RunConfig) -> int | None:
@@ -142,10 +223,14 @@ def choices_line(device: str, reranker) -> str:
             f"batches of up to {reranker.budget.tokens} padded tokens ({reranker.budget_reason})")
 
 
+def counts_of(stats) -> dict[str, int]:
+    """The summary's counters from a Reranker's stats."""
+    return {name: getattr(stats, name) for name in COUNTERS}
+
+
 def finish(summary: Summary, stats, rejects: RejectSink, started: float) -> Summary:
     summary.pairs = stats.pairs
-    summary.backoffs = stats.backoffs
-    summary.fp32_reruns = stats.fp32_reruns
+    summary.add_counts(counts_of(stats))
     summary.rejected = rejects.count
     summary.rejects_path = rejects.path if rejects.count else None
     summary.seconds = time.perf_counter() - started

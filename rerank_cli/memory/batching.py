@@ -91,10 +91,12 @@ def try_forward(scorer, batch: list) -> np.ndarray | None:
 
 
 def score_window(scorer, encoded: Sequence, budget: TokenBudget,
-                 on_batch: Callable[[int], None] | None = None, first_row: int = 1) -> np.ndarray:
+                 on_batch: Callable[[int], None] | None = None, first_row: int = 1,
+                 owners: Sequence[int] | None = None) -> np.ndarray:
     """Scores for `encoded`, in its order. Raises PairTooLargeError if one pair cannot fit alone.
 
-    `first_row` is the 1-based input row of `encoded[0]`, for that error message.
+    `first_row` is the 1-based input row of `encoded[0]`, for that error message; with `owners`, item i
+    comes from row `first_row + owners[i]` (the windows of one passage share their pair's row).
     """
     n = len(encoded)
     order = sorted(range(n), key=lambda i: -len(encoded[i].ids))
@@ -108,7 +110,8 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
         if out is None:
             free_memory(budget.device)
             if rows == 1:
-                raise PairTooLargeError(too_large_message(scorer, budget.device, first_row + idx[0], lengths[start]))
+                row = first_row + (int(owners[idx[0]]) if owners is not None else idx[0])
+                raise PairTooLargeError(too_large_message(scorer, budget.device, row, lengths[start]))
             budget.on_oom(rows * lengths[start])
             continue
         scores[idx] = out

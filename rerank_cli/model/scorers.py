@@ -19,11 +19,16 @@ from rerank_cli.model.precision import Precision
 from rerank_cli.model.templates import Encoded
 
 CROSS, LLM = "cross-encoder", "llm"
+COUNTED = ("batches", "pairs", "real_tokens", "padded_tokens", "backoffs", "fp32_reruns", "windows", "truncated",
+           "queries_cut", "passages_cut", "capped", "split", "split_windows")
 
 
 @dataclass
 class Stats:
-    """Counters a scorer keeps for the run summary."""
+    """Counters a scorer keeps for the run summary.
+
+    A scorer counts the model inputs it scores as `pairs`; a `Reranker` reports the input pairs there
+    instead, the model inputs as `windows`, and what was cut or split (see reranker.py)."""
 
     batches: int = 0
     pairs: int = 0
@@ -31,10 +36,17 @@ class Stats:
     padded_tokens: int = 0
     backoffs: int = 0
     fp32_reruns: int = 0
+    windows: int = 0  # model inputs: one per pair, more for passages scored in windows
+    truncated: int = 0  # pairs whose query or passage lost tokens
+    queries_cut: int = 0
+    passages_cut: int = 0
+    capped: int = 0  # passages whose windows reached --max-windows (the rest was cut)
+    split: int = 0  # passages scored in more than one window
+    split_windows: int = 0  # the windows of those
     extra: dict = field(default_factory=dict)
 
     def add(self, other: Stats) -> None:
-        for name in ("batches", "pairs", "real_tokens", "padded_tokens", "backoffs", "fp32_reruns"):
+        for name in COUNTED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 

@@ -8,18 +8,27 @@
 - `qwen3`: the Qwen3-Reranker chat format with an instruction; the score is the yes/no log-odds
   (sigmoid of it is p(yes)).
 
-Works on the fast tokenizer's Rust backend in batches; no torch here.
+`pairs()` gives each pair's windows (`windows.py` says where they start): window 0 is the pair as
+truncated above, and with a `WindowPolicy` of more than one window a passage longer than its room is
+covered by more windows, each the same pair with another stretch of the passage's tokens. Each pair
+also says whether its query or its passage was cut. Texts are tokenized only as far as the windows
+reach (`bounded.py`). Works on the fast tokenizer's Rust backend in batches; no torch here.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from rerank_cli.model.bounded import encode_bounded
+from rerank_cli.model.windows import TRUNCATE, WindowPolicy
 
 BGE_PROMPT = (
     "Given a query A and a passage B, determine whether the passage contains an answer to the query "
     "by providing a prediction of either 'Yes' or 'No'."
 )
+BGE_QUERY, BGE_PASSAGE = "A: ", "B: "
 QWEN3_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
     'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
@@ -34,6 +43,20 @@ class Encoded:
 
     ids: list[int]
     type_ids: list[int] | None = None
+
+
+@dataclass
+class PairWindows:
+    """One pair's model inputs (window 0 first) and what was cut from what they hold."""
+
+    windows: list[Encoded] = field(default_factory=list)
+    query_cut: bool = False
+    passage_cut: bool = False
+    capped: bool = False  # the passage's tail was cut because its windows reached the policy's cap
+
+    @property
+    def truncated(self) -> bool:
+        return self.query_cut or self.passage_cut
 
 
 def backend(tokenizer):
@@ -62,8 +85,23 @@ def truncate_second(first: list[int], second: list[int], max_length: int, extra:
     return second[: len(second) - remove]
 
 
+def label_length(offsets: list[tuple[int, int]], chars: int) -> int:
+    """How many leading tokens lie within the first `chars` characters of the text they came from:
+    where a label ("B: ", the qwen3 head) ends and the passage's own tokens begin."""
+    return bisect_right([end for _, end in offsets], chars)
+
+
+def window_ids(head: list[int], body: list[int], tail: list[int], width: int, starts: list[int]) -> list[list[int]]:
+    """head + body[start:start + width] + tail for each start (window 0 is the truncated pair)."""
+    return [head + body[s:s + width] + tail for s in starts]
+
+
 class CrossEncoderTemplate:
-    """FlagReranker's encoding for `...ForSequenceClassification` rerankers."""
+    """FlagReranker's encoding for `...ForSequenceClassification` rerankers.
+
+    Room for the passage: max_length - (query tokens, at most 3/4 of max_length) - the special tokens
+    of a pair. Window k is the same post-processed pair with passage tokens [start_k, start_k + room).
+    """
 
     name = "cross-encoder"
 
@@ -75,24 +113,62 @@ class CrossEncoderTemplate:
         self.with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
 
     def encode(self, queries, passages, instructions=None) -> list[Encoded]:
-        qs = self.tok.encode_batch(list(queries), add_special_tokens=False)
-        ps = self.tok.encode_batch(list(passages), add_special_tokens=False)
-        return [self._pair(q, p) for q, p in zip(qs, ps)]
+        return [pair.windows[0] for pair in self.pairs(queries, passages, instructions)]
 
-    def _pair(self, q, p) -> Encoded:
-        if len(q.ids) > self.query_max:
+    def pairs(self, queries, passages, instructions=None, policy: WindowPolicy = TRUNCATE) -> list[PairWindows]:
+        qs = encode_bounded(self.tok, queries, [self.query_max + 1] * len(queries))
+        rooms = [self.max_length - min(len(q.ids), self.query_max) - self.n_special for q in qs]
+        ps = encode_bounded(self.tok, passages, [policy.need(r) if r >= 1 else self.max_length + 1 for r in rooms])
+        return [self._pair(q, p, room, policy) for q, p, room in zip(qs, ps, rooms)]
+
+    def _pair(self, q, p, room: int, policy: WindowPolicy) -> PairWindows:
+        query_cut = len(q.ids) > self.query_max
+        if query_cut:
             q.truncate(self.query_max)
-        if len(p.ids) > self.max_length:
-            p.truncate(self.max_length)
-        keep = len(truncate_second(q.ids, p.ids, self.max_length, self.n_special))
-        if keep < len(p.ids):
-            p.truncate(keep)
+        passage = p.ids
+        if room < 1:  # even an empty passage does not fit: transformers keeps it whole (to max_length)
+            if len(passage) > self.max_length:
+                p.truncate(self.max_length)
+            return PairWindows([self._post(q, p)], query_cut, len(passage) > self.max_length)
+        starts, capped = policy.starts(len(passage), room)
+        width = min(room, len(passage))
+        if len(passage) > width:
+            p.truncate(width)
+        enc = self.tok.post_process(q, p, add_special_tokens=True)
+        first = Encoded(enc.ids, enc.type_ids if self.with_types else None)
+        if len(starts) == 1:
+            return PairWindows([first], query_cut, capped, capped)
+        at = _passage_span(enc.sequence_ids, width)
+        windows = [first] + [Encoded(first.ids[:at] + passage[s:s + width] + first.ids[at + width:], first.type_ids)
+                             for s in starts[1:]]
+        return PairWindows(windows, query_cut, capped, capped)
+
+    def _post(self, q, p) -> Encoded:
         enc = self.tok.post_process(q, p, add_special_tokens=True)
         return Encoded(enc.ids, enc.type_ids if self.with_types else None)
 
 
+def _passage_span(sequence_ids: list, width: int) -> int:
+    """Where a post-processed pair holds its `width` passage tokens (sequence 1). Window k is window 0
+    with those replaced: a post-processor adds the same special tokens and token types whichever
+    tokens a passage of that length holds."""
+    at = sequence_ids.index(1)
+    if sequence_ids[at:at + width] != [1] * width or sequence_ids.count(1) != width:
+        from rerank_cli.errors import ModelError
+
+        raise ModelError("this tokenizer's pair template does not keep the passage's tokens together; "
+                         "use --long-passages truncate")
+    return at
+
+
 class BgeTemplate:
-    """FlagLLMReranker's prompt for bge-reranker-v2-gemma style causal rerankers."""
+    """FlagLLMReranker's prompt for bge-reranker-v2-gemma style causal rerankers.
+
+    The passage is tokenized as "B: {passage}"; its label is the leading tokens within "B: ". Room for
+    it: min(max_length, max_length + len(prompt) - len(bos + query)) tokens of "B: {passage}", the
+    label included. Window k: bos + query + "\\n" + label + passage tokens [start_k, start_k + room -
+    len(label)) + "\\n" + prompt.
+    """
 
     name = "bge"
     head_words = ("Yes",)  # the score is the logit of its first token
@@ -109,16 +185,36 @@ class BgeTemplate:
         self.head_ids = (_ids(self.tok, ["Yes"])[0] or [None])[:1]  # None: checked by model/checks.py
 
     def encode(self, queries, passages, instructions=None) -> list[Encoded]:
-        qs = _ids(self.tok, [f"A: {q}" for q in queries], self.query_max)
-        ps = _ids(self.tok, [f"B: {p}" for p in passages], self.max_length)
+        return [pair.windows[0] for pair in self.pairs(queries, passages, instructions)]
+
+    def pairs(self, queries, passages, instructions=None, policy: WindowPolicy = TRUNCATE) -> list[PairWindows]:
+        qs = encode_bounded(self.tok, [f"{BGE_QUERY}{q}" for q in queries], [self.query_max + 1] * len(queries))
         prompts = self._prompts(instructions, len(qs))
-        out = []
-        for q, p, prompt in zip(qs, ps, prompts):
-            first, second = self.bos + q, self.sep + p
-            # FlagLLMReranker's budget counts the separator and prompt on top of max_length.
-            second = truncate_second(first, second, self.max_length + len(self.sep) + len(prompt))
-            out.append(Encoded(first + second + self.sep + prompt))
-        return out
+        firsts = [self.bos + q.ids[:self.query_max] for q in qs]
+        # FlagLLMReranker's budget counts the separator and prompt on top of max_length.
+        rooms = [min(self.max_length, self.max_length + len(prompt) - len(first))
+                 for first, prompt in zip(firsts, prompts)]
+        ps = encode_bounded(self.tok, [f"{BGE_PASSAGE}{p}" for p in passages],
+                            [policy.need(r) if r >= 1 else self.max_length + 1 for r in rooms])
+        return [self._pair(first, len(q.ids) > self.query_max, p, prompt, room, policy)
+                for q, first, p, prompt, room in zip(qs, firsts, ps, prompts, rooms)]
+
+    def _pair(self, first, query_cut: bool, p, prompt, room: int, policy: WindowPolicy) -> PairWindows:
+        tail = self.sep + prompt
+        passage = p.ids
+        if len(passage) <= room:  # it fits: nothing to cut, nothing to find
+            return PairWindows([Encoded(first + self.sep + passage + tail)], query_cut)
+        label = label_length(p.offsets[:8], len(BGE_PASSAGE))
+        width = room - label
+        if width < 1:  # no room past the label: exactly the reference's rule, one window
+            second = truncate_second(first, self.sep + passage[:self.max_length],
+                                     self.max_length + len(self.sep) + len(prompt))
+            cut = len(second) - len(self.sep) < len(passage)
+            return PairWindows([Encoded(first + second + tail)], query_cut, cut)
+        body = passage[label:]
+        starts, capped = policy.starts(len(body), width)
+        ids = window_ids(first + self.sep + passage[:label], body, tail, width, starts)
+        return PairWindows([Encoded(w) for w in ids], query_cut, capped, capped)
 
     def _prompts(self, instructions, n: int) -> list[list[int]]:
         if instructions is None:
@@ -132,7 +228,13 @@ class BgeTemplate:
 
 
 class Qwen3Template:
-    """The Qwen3-Reranker chat format; score = logit(yes) - logit(no), sigmoid = p(yes)."""
+    """The Qwen3-Reranker chat format; score = logit(yes) - logit(no), sigmoid = p(yes).
+
+    The body "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {passage}" is tokenized as one
+    text and cut to max_length - len(prefix) - len(suffix) tokens. Its head is the leading tokens
+    within the text before the passage; room for the passage: that budget minus the head. Window k:
+    prefix + head + passage tokens [start_k, start_k + room) + suffix.
+    """
 
     name = "qwen3"
     head_words = ("no", "yes")
@@ -148,12 +250,29 @@ class Qwen3Template:
         self.head_ids = [no, yes]
 
     def encode(self, queries, passages, instructions=None) -> list[Encoded]:
+        return [pair.windows[0] for pair in self.pairs(queries, passages, instructions)]
+
+    def pairs(self, queries, passages, instructions=None, policy: WindowPolicy = TRUNCATE) -> list[PairWindows]:
         inst = instructions or [None] * len(queries)
-        texts = [
-            f"<Instruct>: {i or self.instruction}\n<Query>: {q}\n<Document>: {p}"
-            for q, p, i in zip(queries, passages, inst)
-        ]
-        return [Encoded(self.prefix + ids + self.suffix) for ids in _ids(self.tok, texts, self.body_max)]
+        heads = [f"<Instruct>: {i or self.instruction}\n<Query>: {q}\n<Document>: " for q, i in zip(queries, inst)]
+        bodies = encode_bounded(self.tok, [h + p for h, p in zip(heads, passages)],
+                                [policy.need(self.body_max)] * len(heads))
+        return [self._pair(len(h), b, bool(p), policy) for h, b, p in zip(heads, bodies, passages)]
+
+    def _pair(self, head_chars: int, b, has_passage: bool, policy: WindowPolicy) -> PairWindows:
+        ids = b.ids
+        if len(ids) <= self.body_max:  # it fits: nothing to cut, nothing to find
+            return PairWindows([Encoded(self.prefix + ids + self.suffix)])
+        head = label_length(b.offsets, head_chars)
+        width = self.body_max - head
+        if width < 1:  # the instruction and query fill the body: cut as one text, one window
+            passage_cut = has_passage if head > self.body_max else len(ids) > head  # none of it fits
+            return PairWindows([Encoded(self.prefix + ids[:self.body_max] + self.suffix)],
+                               head > self.body_max, passage_cut)
+        body = ids[head:]
+        starts, capped = policy.starts(len(body), width)
+        windows = window_ids(self.prefix + ids[:head], body, self.suffix, width, starts)
+        return PairWindows([Encoded(w) for w in windows], False, capped, capped)
 
     @staticmethod
     def combine(logits):

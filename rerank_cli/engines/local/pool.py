@@ -37,8 +37,7 @@ class Slot:
     pairs: int = 0
     shards: int = 0
     busy_s: float = 0.0
-    backoffs: int = 0
-    fp32_reruns: int = 0
+    counts: dict = field(default_factory=dict)  # the summary's counters (job.COUNTERS), over finished shards
 
     @property
     def alive(self) -> bool:

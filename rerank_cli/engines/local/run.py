@@ -19,7 +19,16 @@ import time
 import uuid
 from collections import deque
 
-from rerank_cli.engines.job import RejectSink, Summary, describe_choices, finish, input_rows, open_chunks, open_output
+from rerank_cli.engines.job import (
+    COUNTERS,
+    RejectSink,
+    Summary,
+    describe_choices,
+    finish,
+    input_rows,
+    open_chunks,
+    open_output,
+)
 from rerank_cli.engines.local.merge import OrderedMerge
 from rerank_cli.engines.local.plan import Plan, cut_shards, make_plan
 from rerank_cli.engines.local.pool import Pool, Slot, describe_exit
@@ -93,7 +102,7 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
     chunks = open_chunks(cfg)
     reranker = Reranker.from_config(cfg, spec.device, log=reporter.info)
     describe_choices(reporter, spec.device, reranker)
-    summary = Summary(devices=[spec.device], dtype=reranker.precision.name, output=cfg.output)
+    summary = Summary.for_run(cfg, devices=[spec.device], dtype=reranker.precision.name, output=cfg.output)
     total = input_rows(cfg)
     reporter.start(total)
     try:
@@ -229,8 +238,8 @@ class ParallelRun:
         slot.pairs += shard.rows
         slot.shards += 1
         slot.busy_s += info.get("seconds", 0.0)
-        slot.backoffs += info.get("backoffs", 0)
-        slot.fp32_reruns += info.get("fp32_reruns", 0)
+        for name in COUNTERS:
+            slot.counts[name] = slot.counts.get(name, 0) + info.get(name, 0)
         self.merge.add(shard.id, shard.rows)
         self.workdir.input(shard.id).unlink(missing_ok=True)
 
@@ -284,11 +293,13 @@ class ParallelRun:
 
     def _summary(self, rejects: RejectSink, started: float) -> Summary:
         slots = self.pool.slots
-        summary = Summary(devices=[s.spec.label for s in slots], dtype=",".join(self.plan.dtype_names()),
-                          output=self.cfg.output, pairs=sum(s.pairs for s in slots),
-                          backoffs=sum(s.backoffs for s in slots), fp32_reruns=sum(s.fp32_reruns for s in slots),
-                          rejected=rejects.count, rejects_path=rejects.path if rejects.count else None,
-                          seconds=time.perf_counter() - started)
+        summary = Summary.for_run(self.cfg, devices=[s.spec.label for s in slots],
+                                  dtype=",".join(self.plan.dtype_names()), output=self.cfg.output,
+                                  pairs=sum(s.pairs for s in slots), rejected=rejects.count,
+                                  rejects_path=rejects.path if rejects.count else None,
+                                  seconds=time.perf_counter() - started)
+        for slot in slots:
+            summary.add_counts(slot.counts)
         for slot in slots:
             rate = slot.pairs / slot.busy_s if slot.busy_s else 0.0
             restarts = f"; restarted {slot.restarts} time(s)" if slot.restarts else ""

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rerank_cli.config import MAX_WINDOWS
 from rerank_cli.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -247,6 +248,7 @@ LABELS = {
     "instruction": "--instruction changed",
     "max_length": "--max-length changed",
     "normalize": "--normalize changed",
+    "long_passages": "--long-passages, --window-stride, --aggregate or --max-windows changed",
     "dtype": "the dtype changed",
     "shard_rows": "the shard size changed",
     "columns": "the columns changed",
@@ -260,10 +262,20 @@ def fingerprint(cfg, plan) -> dict[str, Any]:
     return {
         "version": VERSION, "input": input_identity(cfg.input), "model": model_identity(cfg.model),
         "kind": cfg.kind, "template": cfg.template, "instruction": cfg.instruction, "max_length": cfg.max_length,
-        "normalize": cfg.normalize, "dtype": plan.dtype_names(), "shard_rows": plan.shard_rows,
+        "normalize": cfg.normalize, "long_passages": long_passages(cfg), "dtype": plan.dtype_names(),
+        "shard_rows": plan.shard_rows,
         "columns": [cfg.query_col, cfg.passage_col, cfg.instruction_col, cfg.score_col],
         "on_bad_row": cfg.on_bad_row, "input_format": cfg.input_format,
     }
+
+
+def long_passages(cfg) -> dict[str, Any] | None:
+    """Window mode's settings, with their defaults filled in; None for truncation, so that work dirs
+    written before window mode existed still resume."""
+    if cfg.long_passages == "truncate":
+        return None
+    return {"mode": cfg.long_passages, "window_stride": cfg.window_stride, "aggregate": cfg.aggregate or "max",
+            "max_windows": cfg.max_windows or MAX_WINDOWS}
 
 
 def input_identity(path: str) -> dict[str, Any]:

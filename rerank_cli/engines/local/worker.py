@@ -93,32 +93,38 @@ def worker_main(conn, spec, cfg, folder: str, run_id: str, faults: tuple[Fault, 
 
 
 def _score_shard(reranker, cfg, folder: Path, shard, counter) -> dict:
+    from rerank_cli.engines.job import counts_of
     from rerank_cli.engines.local.workdir import read_arrow, shard_name, write_part
 
     started = time.perf_counter()
-    before = (reranker.stats.backoffs, reranker.stats.fp32_reruns)
+    before = counts_of(reranker.stats)
     table = read_arrow(folder / shard_name(shard.id, "in.arrow"))
     scored = score_table(reranker, cfg, table, shard.first_row, counter)
+    after = counts_of(reranker.stats)
     info = {"device": reranker.device, "seconds": round(time.perf_counter() - started, 3),
-            "backoffs": reranker.stats.backoffs - before[0], "fp32_reruns": reranker.stats.fp32_reruns - before[1]}
+            **{name: after[name] - before[name] for name in after}}
     write_part(folder, shard.id, scored, info)
     return info
 
 
 def score_table(reranker, cfg, table, first_row: int, on_batch=None):
-    """`table` with a float32 score column appended, scored window by window (--sort-window)."""
+    """`table` with the score column (and in window mode the window counts) appended, scored window by
+    window (--sort-window)."""
     import numpy as np
-    import pyarrow as pa
 
-    scores = []
+    from rerank_cli.engines.job import with_scores
+    from rerank_cli.reranker import Scored
+
+    parts = []
     for start in range(0, table.num_rows, cfg.sort_window):
         part = table.slice(start, cfg.sort_window)
         inst = part.column(cfg.instruction_col).to_pylist() if cfg.instruction_col else None
-        scores.append(reranker.score_columns(part.column(cfg.query_col).to_pylist(),
-                                             part.column(cfg.passage_col).to_pylist(), inst,
-                                             on_batch=on_batch, first_row=first_row + start))
-    column = pa.array(np.concatenate(scores) if scores else np.empty(0, np.float32), type=pa.float32())
-    return table.append_column(pa.field(cfg.score_col, pa.float32()), column)
+        parts.append(reranker.score_chunk(part.column(cfg.query_col).to_pylist(),
+                                          part.column(cfg.passage_col).to_pylist(), inst,
+                                          on_batch=on_batch, first_row=first_row + start))
+    scored = Scored(np.concatenate([p.scores for p in parts]) if parts else np.empty(0, np.float32),
+                    np.concatenate([p.windows for p in parts]) if parts else np.empty(0, np.int32))
+    return with_scores(table, scored, cfg)
 
 
 class _BatchCounter:

@@ -48,14 +48,17 @@ def _claim(path: str) -> bool:
 
 
 class RunLog:
-    """Collects what the scoring actors report; the driver drains it for its progress bar."""
+    """Collects what the scoring actors report; the driver drains it for its progress bar, and
+    adds up their counters (back-offs, fp32 re-runs, truncations: job.COUNTERS) for the summary."""
 
     def __init__(self):
+        from rerank_cli.engines.job import COUNTERS
+
         self.pending_pairs = 0
         self.notes: list[str] = []
         self.starts = 0
         self.devices: dict[str, str] = {}
-        self.totals = {"pairs": 0, "backoffs": 0, "fp32_reruns": 0}
+        self.totals = {"pairs": 0, **{name: 0 for name in COUNTERS}}
 
     def hello(self, device: str, dtype: str, note: str) -> None:
         self.starts += 1
@@ -65,10 +68,11 @@ class RunLog:
     def note(self, message: str) -> None:
         self.notes.append(message)
 
-    def progress(self, pairs: int, backoffs: int = 0, fp32_reruns: int = 0) -> None:
+    def progress(self, pairs: int, counts: dict | None = None) -> None:
         self.pending_pairs += pairs
-        for key, value in (("pairs", pairs), ("backoffs", backoffs), ("fp32_reruns", fp32_reruns)):
-            self.totals[key] += value
+        self.totals["pairs"] += pairs
+        for key, value in (counts or {}).items():
+            self.totals[key] = self.totals.get(key, 0) + value
 
     def drain(self) -> tuple[int, list[str]]:
         out = (self.pending_pairs, self.notes)
@@ -90,9 +94,10 @@ class _Progress:
         if time.monotonic() - self.last >= PROGRESS_EVERY_S:
             self.flush()
 
-    def flush(self, backoffs: int = 0, fp32_reruns: int = 0) -> None:
-        if self.pending or backoffs or fp32_reruns:
-            self.log.progress.remote(self.pending, backoffs, fp32_reruns)
+    def flush(self, counts: dict | None = None) -> None:
+        counts = {k: v for k, v in (counts or {}).items() if v}
+        if self.pending or counts:
+            self.log.progress.remote(self.pending, counts)
         self.pending, self.last = 0, time.monotonic()
 
 
@@ -105,7 +110,7 @@ class ScoreWindow:
 
     def __init__(self, cfg, device: str, threads: int | None, log, kill: KillSwitch | None = None,
                  raise_on_bad: bool = False, device_map: str | None = None):
-        from rerank_cli.engines.job import choices_line, columns_of
+        from rerank_cli.engines.job import choices_line, columns_of, counts_of
         from rerank_cli.reranker import Reranker
 
         if threads:
@@ -113,33 +118,39 @@ class ScoreWindow:
 
             torch.set_num_threads(threads)
         self.log, self.kill, self.raise_on_bad = log, kill, raise_on_bad
-        self.source = cfg.input
+        self.cfg, self.source = cfg, cfg.input
         self.columns = columns_of(cfg)
         self.reranker = Reranker.from_config(cfg, device, log=lambda msg: log.note.remote(msg),
                                              device_map=device_map)
         self.progress = _Progress(log)
         self.windows = 0
-        self.seen = {"backoffs": 0, "fp32_reruns": 0}
+        self.seen = counts_of(self.reranker.stats)
         log.hello.remote(device, self.reranker.precision.name, choices_line(device, self.reranker))
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from rerank_cli.engines.job import added_columns, check_added_columns
+
         if self.kill is not None:
             self.kill.maybe_die(self.windows)
         _check_schema(self.source, table.schema, self.columns)  # each file may differ
+        check_added_columns(self.cfg, table.schema)
         good = self._good_rows(table)
         rows = table.filter(good) if good is not None else table
         queries = rows.column(self.columns.query).to_pylist()
         passages = rows.column(self.columns.passage).to_pylist()
         inst = rows.column(self.columns.instruction).to_pylist() if self.columns.instruction else None
         try:
-            scores = self.reranker.score_columns(queries, passages, inst, on_batch=self.progress.add)
+            scored = self.reranker.score_chunk(queries, passages, inst, on_batch=self.progress.add)
         except PairTooLargeError as exc:
             first = queries[0][:40] if queries else ""
             raise PairTooLargeError(f"{exc} (row counted within a Ray block of {len(queries)} pairs "
                                     f"that starts with query {first!r})") from None
         self.windows += 1
         self._report()
-        return table.append_column(pa.field(self.columns.score, pa.float32()), _scatter(scores, good))
+        mask = good.to_pylist() if good is not None else None
+        for f, column in added_columns(self.cfg, scored, mask):
+            table = table.append_column(f, column)
+        return table
 
     def _good_rows(self, table: pa.Table):
         """A mask of scorable rows, or None when all are."""
@@ -156,15 +167,9 @@ class ScoreWindow:
         return pc.invert(bad)
 
     def _report(self) -> None:
-        stats = self.reranker.stats
-        delta = {k: getattr(stats, k) - self.seen[k] for k in self.seen}
-        self.seen = {k: getattr(stats, k) for k in self.seen}
-        self.progress.flush(**delta)
+        from rerank_cli.engines.job import counts_of
 
-
-def _scatter(scores, good) -> pa.Array:
-    """Scores for the good rows placed back among null scores for the bad ones."""
-    if good is None:
-        return pa.array(scores, type=pa.float32())
-    it = iter(scores.tolist())
-    return pa.array([next(it) if ok else None for ok in good.to_pylist()], type=pa.float32())
+        now = counts_of(self.reranker.stats)
+        delta = {k: now[k] - self.seen.get(k, 0) for k in now}
+        self.seen = now
+        self.progress.flush(delta)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.config import RunConfig
-from rerank_cli.engines.job import columns_of
+from rerank_cli.engines.job import added_names, check_added_columns, columns_of
 from rerank_cli.engines.ray.cluster import cause_text
 from rerank_cli.errors import InputError, OutputError, RerankError
 from rerank_cli.io.formats import detect_format, display_name
@@ -46,6 +46,7 @@ def read_input(ray, cfg: RunConfig):
         raise explain_read_error(cfg, exc) from None
     if schema is not None:
         _check_schema(name, schema.base_schema, columns_of(cfg))
+        check_added_columns(cfg, schema.base_schema)
     # (Local files were checked before Ray started; the actors check every window's columns.)
     return dataset.repartition(target_num_rows_per_block=cfg.sort_window)
 
@@ -58,8 +59,10 @@ def check_first_window(cfg: RunConfig) -> None:
     fmt = detect_format(cfg.input, cfg.input_format, READ_FORMATS, "input")
     chunks = read_chunks(cfg.input, columns_of(cfg), fmt=fmt, window=cfg.sort_window,
                          skip_bad=cfg.on_bad_row == "skip")
-    next(chunks, None)
+    first = next(chunks, None)
     chunks.close()
+    if first is not None:
+        check_added_columns(cfg, first.batch.schema)
 
 
 def explain_read_error(cfg: RunConfig, exc: BaseException) -> RerankError:
@@ -121,7 +124,7 @@ def write_file(scored, cfg: RunConfig, writer, rejects) -> int:
     for table in scored.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         for batch in table.to_batches():
             batch, schema = _same_schema(name, batch, schema, row)
-            chunk = _checked(name, batch, columns, skip_bad, row)
+            chunk = _checked(name, batch, columns, added_names(cfg), skip_bad, row)
             rejects.add(chunk.rejects)
             writer.write(chunk.batch)
             row += batch.num_rows
@@ -141,9 +144,9 @@ def _same_schema(name: str, batch: pa.RecordBatch, schema: pa.Schema | None, row
                                f"({', '.join(batch.schema.names)}) near here", row=row) from None
 
 
-def _checked(name: str, batch: pa.RecordBatch, columns, skip_bad: bool, first_row: int) -> Chunk:
+def _checked(name: str, batch: pa.RecordBatch, columns, added: list[str], skip_bad: bool, first_row: int) -> Chunk:
     """The readers' null check, with input row numbers; rejected rows are dropped from the output."""
-    plain = batch.drop_columns([columns.score])
+    plain = batch.drop_columns(added)  # the score (and windows) columns the actors appended
     chunk = _validate_batch(name, plain, columns, skip_bad, first_row)
     if not chunk.rejects:
         return Chunk(batch)

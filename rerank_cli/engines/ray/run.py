@@ -62,7 +62,7 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> Summary:
     check_options(cfg)
     ray = import_ray()
     started = time.perf_counter()
-    summary = Summary(output=cfg.output_dir or cfg.output)
+    summary = Summary.for_run(cfg, output=cfg.output_dir or cfg.output)
     with contextlib.ExitStack() as stack:
         writer = None if cfg.output_dir else stack.enter_context(open_output(cfg))
         rejects = stack.enter_context(RejectSink(cfg)) if writer else None
@@ -256,7 +256,7 @@ def finish(summary: Summary, totals: dict, plan: ActorPlan, rejects: RejectSink 
         reporter.info(f"ray: {restarts} scoring actor restart(s); the windows they held were retried")
     summary.devices = [f"ray:{plan.actors}x{'gpu' if plan.num_gpus else 'cpu'}"]
     summary.dtype = ",".join(sorted(set(totals["devices"].values()))) or asked_dtype  # no actor ran
-    summary.backoffs, summary.fp32_reruns = totals["backoffs"], totals["fp32_reruns"]
+    summary.add_counts(totals)
     summary.per_device = {"actors": plan.actors, "restarts": restarts}
     if rejects is not None:
         summary.rejected = rejects.count

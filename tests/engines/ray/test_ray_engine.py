@@ -238,3 +238,26 @@ def test_joining_without_the_token_is_one_line_naming_the_fix(ray_cluster, pairs
                                 "of a file holding it in RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head "
                                 "node prints it)")
     assert not out.exists() and not list(home.iterdir())
+
+
+def test_window_mode_matches_local_with_bad_rows_skipped(ray_cluster, holey_parquet, ce_model, tmp_path):
+    # Long passages in windows: Ray's actors flatten and aggregate them exactly as the local engine does,
+    # the `windows` column comes back null-free for scored rows, and the actors' counters reach the summary.
+    window = ["--long-passages", "window", "--max-length", "128", "--max-windows", "4", "--sort-window", "16",
+              "--on-bad-row", "skip", "--dtype", "fp32"]
+    local_out = tmp_path / "local.parquet"
+    local = score_file(str(holey_parquet), str(local_out), model=ce_model, dtype="fp32", sort_window=16,
+                       long_passages="window", max_length=128, max_windows=4, on_bad_row="skip",
+                       rejects=str(tmp_path / "local-rejects.jsonl"))
+    out = tmp_path / "out.parquet"
+    proc = ray_score(ray_cluster, str(holey_parquet), "-o", str(out), "-m", ce_model, "--ray-workers", "2", *window)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    got, want = pq.read_table(out), pq.read_table(local_out)
+    assert got.schema.names == want.schema.names and got.schema.names[-2:] == ["score", "windows"]
+    assert got["windows"].to_pylist() == want["windows"].to_pylist() and got["windows"].null_count == 0
+    assert_same_scores(got.drop_columns(["windows"]), want.drop_columns(["windows"]))
+    assert local.split > 0 and local.truncated > 0
+    assert local.truncation_text() in err.strip().splitlines()[-1]
+    assert [json.loads(line)["where"] for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()] == \
+        ["row 50", "row 101"]
