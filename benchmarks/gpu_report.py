@@ -183,8 +183,14 @@ def to_markdown(r: dict) -> str:
         d = r["data"]
         lines.append(f"- pairs: {d.get('n', 0):,}; words per query {d.get('query_words')}, per passage "
                      f"{d.get('passage_words')}; tokens per pair {d.get('tokens')}")
-    for step, job in (r.get("benchmarks") or {}).items():
-        lines += ["", f"### {step}", "", "```", json.dumps(job, indent=1, default=str)[:6000], "```"]
+    steps = {s["step"]: s for s in r["steps"]}
+    for step in SHAPE_OF_STEP:  # every benchmark, with what became of the ones that did not run
+        job = (r.get("benchmarks") or {}).get(step)
+        if job is None:
+            status = steps.get(step, {"status": "not run", "error": ""})
+            lines += ["", f"### {step}", "", f"{status['status']}: {status['error'] or 'no result'}"]
+        else:
+            lines += ["", f"### {step}", "", "```", json.dumps(job, indent=1, default=str)[:6000], "```"]
     for name in ("probe", "cli"):
         lines += ["", f"### {name}", "", "```", json.dumps(r.get(name), indent=1, default=str)[:4000], "```"]
     lines += ["", "### Scores, contender against contender", ""] + table(
