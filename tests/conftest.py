@@ -106,3 +106,31 @@ def cli(capsys):
         return code, out, err
 
     return invoke
+
+
+class ShardInterrupter:
+    """Makes the local engine's Nth shard raise KeyboardInterrupt, as Ctrl-C during it would."""
+
+    def __init__(self, monkeypatch):
+        import rerank_cli.engines.local.worker as shard_worker
+
+        self.monkeypatch, self.module, self.real, self.calls = monkeypatch, shard_worker, shard_worker.score_table, 0
+
+    def arm(self, on_call: int = 3) -> None:
+        self.calls = 0
+
+        def interrupting(*args, **kwargs):
+            self.calls += 1
+            if self.calls == on_call:
+                raise KeyboardInterrupt
+            return self.real(*args, **kwargs)
+
+        self.monkeypatch.setattr(self.module, "score_table", interrupting)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(self.module, "score_table", self.real)
+
+
+@pytest.fixture
+def interrupt_shards(monkeypatch) -> ShardInterrupter:
+    return ShardInterrupter(monkeypatch)

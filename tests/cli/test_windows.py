@@ -150,29 +150,19 @@ def test_bad_rows_are_skipped_in_window_mode(cli, ce_model, pairs, expected, tmp
     assert len((tmp_path / "out.jsonl.rejects.jsonl").read_text().splitlines()) == 1
 
 
-def test_window_mode_resumes_and_a_changed_setting_starts_fresh(pairs, ce_model, expected, tmp_path, monkeypatch):
-    import rerank_cli.engines.local.worker as shard_worker
-
+def test_window_mode_resumes_and_a_changed_setting_starts_fresh(pairs, ce_model, expected, tmp_path,
+                                                                interrupt_shards):
     rows, scored, _ = expected
-    real, calls = shard_worker.score_table, []
-
-    def interrupt_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out, work = tmp_path / "out.jsonl", tmp_path / "work"
     cfg = build_config({"input": pairs, "output": str(out), "model": ce_model, "dtype": "fp32", "max_length": ML,
                         "long_passages": "window", "max_windows": 6, "shard_rows": 20, "work_dir": str(work),
                         "overwrite": True})
 
     def interrupted(config) -> None:
-        calls.clear()
-        monkeypatch.setattr(shard_worker, "score_table", interrupt_third)
+        interrupt_shards.arm(on_call=3)
         with pytest.raises(Interrupted):
             run(config, Reporter(quiet=True))
-        monkeypatch.setattr(shard_worker, "score_table", real)
+        interrupt_shards.disarm()
         assert len(glob.glob(str(work / "*.done"))) == 2
 
     interrupted(cfg)

@@ -182,24 +182,14 @@ def test_gpus_that_are_not_there_fail_before_any_work(rerank_proc, pairs, ce_mod
         "error: cuda:0,cuda:1: no CUDA device is visible (CUDA_VISIBLE_DEVICES=''); use --devices cpu")
 
 
-def test_one_device_with_a_work_dir_resumes_in_process(pairs, ce_model, tmp_path, monkeypatch, inline_rows):
-    import rerank_cli.engines.local.worker as shard_worker
-
-    real, calls = shard_worker.score_table, []
-
-    def interrupt_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+def test_one_device_with_a_work_dir_resumes_in_process(pairs, ce_model, tmp_path, interrupt_shards, inline_rows):
     out, work = tmp_path / "out.jsonl", tmp_path / ".out.jsonl.rerank-work"
     cfg = build_config({"input": pairs, "output": str(out), "model": ce_model, "devices": "cpu", "shard_rows": 100})
-    monkeypatch.setattr(shard_worker, "score_table", interrupt_third)
+    interrupt_shards.arm(on_call=3)
     with pytest.raises(Interrupted):
         run(cfg.replace(work_dir=str(work)), Reporter(quiet=True))
     assert not out.exists() and len(glob.glob(str(work / "*.done"))) == 2
-    monkeypatch.setattr(shard_worker, "score_table", real)
+    interrupt_shards.disarm()
     log = io.StringIO()
     summary = run(cfg, Reporter(stream=log, force_plain=True))  # no --work-dir: the leftover one is found
     assert f"resuming: 2 of 3 shards already done ({work})" in log.getvalue()
