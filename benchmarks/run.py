@@ -1,7 +1,8 @@
 """`make bench`: rerank against its peers, whole process each, alternated in one run.
 
-For each workload (bench-size BERT cross-encoder vs sentence-transformers' CrossEncoder.predict and
-FlagEmbedding's FlagReranker; bench-size Qwen2 LLM reranker vs FlagLLMReranker at its default batch
+For each workload (bench-size BERT cross-encoder vs sentence-transformers' CrossEncoder.predict, the
+same on its ONNX Runtime and OpenVINO backends (model exported once beforehand), and FlagEmbedding's
+FlagReranker; bench-size Qwen2 LLM reranker vs FlagLLMReranker at its default batch
 size) this times the whole command (import, load, read, score, write) with the peak RSS of the
 process, checks that the scores agree in fp32, and prints a table plus JSON (bench-out/results.json).
 
@@ -27,7 +28,9 @@ PEERS = Path(os.environ.get("RERANK_PEERS_DIR", ROOT.parent / "shared" / "peers"
 VENV_SPECS = {
     "flag": ["transformers<5", "datasets<4", "flagembedding", "pyarrow"],
     "st": ["transformers>=5", "sentence-transformers", "pyarrow"],
+    "onnx": ["sentence-transformers[onnx,openvino]", "pyarrow"],
 }
+BACKENDS = ("onnx", "openvino")  # sentence-transformers' fastest CPU backends, as its docs advise CPU users
 
 
 def peer_python(name: str) -> str:
@@ -71,6 +74,16 @@ def prepare(pairs: int, llm_pairs: int) -> dict:
     }
 
 
+def exported(backend: str, model: str, pairs: str) -> str:
+    """The model exported once for a sentence-transformers backend; timed runs load it as a user's would."""
+    target = OUT / f"bench-ce-{backend}"
+    if not (target / "config.json").exists():
+        subprocess.run([peer_python("onnx"), str(PEERS / "st_backend_score.py"), model, pairs, "-",
+                        "--backend", backend, "--export", str(target)], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return str(target)
+
+
 def ours(model: str, pairs: str, tag: str) -> list[str]:
     return [sys.executable, "-m", "rerank_cli", "score", pairs, "-o", str(OUT / f"ours-{tag}.parquet"),
             "-m", model, "--dtype", "fp32", "--overwrite", "-q"]
@@ -82,6 +95,10 @@ def contenders(kind: str, model: str, pairs: str) -> dict[str, list[str]]:
             "rerank": ours(model, pairs, "ce"),
             "sentence-transformers CrossEncoder": [peer_python("st"), str(PEERS / "st_score.py"), model, pairs,
                                                    str(OUT / "st-ce.npy")],
+            **{f"sentence-transformers {name}": [peer_python("onnx"), str(PEERS / "st_backend_score.py"),
+                                                exported(backend, model, pairs), pairs, str(OUT / f"{backend}-ce.npy"),
+                                                "--backend", backend]
+               for backend, name in zip(BACKENDS, ("ONNX", "OpenVINO"))},
             "FlagEmbedding FlagReranker": [peer_python("flag"), str(PEERS / "flag_score.py"), "ce", model, pairs,
                                            str(OUT / "flag-ce.npy")],
         }
@@ -98,7 +115,7 @@ def parity(kind: str) -> dict[str, float]:
 
     mine = pq.read_table(OUT / f"ours-{kind}.parquet").column("score").to_numpy().astype(np.float64)
     diffs = {}
-    for peer in ("st", "flag"):
+    for peer in ("st", "flag", *BACKENDS):
         f = OUT / f"{peer}-{kind}.npy"
         if f.exists():
             diffs[peer] = float(np.abs(np.load(f) - mine).max())
