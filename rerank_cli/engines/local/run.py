@@ -28,6 +28,7 @@ from rerank_cli.engines.job import (
     input_rows,
     open_chunks,
     open_output,
+    written_paths,
 )
 from rerank_cli.engines.local.merge import OrderedMerge
 from rerank_cli.engines.local.plan import Plan, cut_shards, make_plan
@@ -45,6 +46,7 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
     """Score `cfg.input` over `devices` (or print the plan, for --dry-run)."""
     plan = make_plan(cfg, devices, input_rows(cfg))
     workdir = WorkDir.for_run(cfg)
+    workdir.check_paths([cfg.input], written_paths(cfg))
     fp = fingerprint(cfg, plan)
     if cfg.dry_run:
         return dry_run(cfg, plan, workdir, fp)
