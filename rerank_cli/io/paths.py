@@ -3,7 +3,8 @@
 Owns the one rule that keeps what the user wrote safe: no output (the output file, the rejects file)
 may be an input or another output of the same run, however it is spelled (`./x` and `x`, a symlink,
 a hard link: the same inode is the same file), and an existing regular file is replaced only with
-`--overwrite`. Also refuses, with one line, targets that cannot be written (a folder, a folder that
+`--overwrite`. A device or FIFO (`/dev/null`, a terminal) is written into, never replaced, so two
+outputs may share one. Also refuses, with one line, targets that cannot be written (a folder, a folder that
 does not exist or is a file, a folder without write permission). Writes nothing.
 """
 
@@ -41,7 +42,7 @@ def check_paths(inputs: list[str], outputs: list[tuple[str, str]], overwrite: bo
             if same_file(inp, path):
                 raise OutputError(f"{path}: refusing to write over the input file (as the {role}); choose another path")
         for other_role, other in seen:
-            if same_file(other, path):
+            if same_file(other, path) and not is_special(path):  # two outputs may share /dev/null
                 raise OutputError(f"{path}: the {role} and the {other_role} are the same file; give them "
                                   "different paths")
         seen.append((role, path))

@@ -268,6 +268,7 @@ class RejectsFile:
                             ensure_ascii=False) + "\n" for r in rejects]
         with _Guard(self.path, False):
             self.fh.write("".join(lines).encode("utf-8"))
+            self.fh.flush()  # a full disk shows now, during the run, not after the output is in place
 
     def commit(self) -> None:
         with _Guard(self.path, False):

@@ -108,7 +108,7 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
     total = input_rows(cfg)
     reporter.start(total)
     try:
-        with open_output(cfg) as writer, RejectSink(cfg) as rejects:
+        with RejectSink(cfg) as rejects, open_output(cfg) as writer:
             merge = OrderedMerge(writer, workdir.part)
             shards = 0
             for shard, table in cut_shards(_batches(chunks, rejects), plan.shard_rows):
@@ -148,7 +148,7 @@ class ParallelRun:
     def run(self) -> Summary:
         started = time.perf_counter()
         chunks = open_chunks(self.cfg)  # bad input fails here, before any worker starts
-        with open_output(self.cfg) as writer, RejectSink(self.cfg) as rejects, self.pool:
+        with RejectSink(self.cfg) as rejects, open_output(self.cfg) as writer, self.pool:
             self.merge = OrderedMerge(writer, self.workdir.part)
             self.source = cut_shards(_batches(chunks, rejects), self.plan.shard_rows)
             self.reporter.start(self.known_rows)
