@@ -106,8 +106,11 @@ class _RowBuffer:
         try:
             return pa.array(values, type=type_)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            line = self.lines[_first_odd_value(values, type_)]
-            raise InputError(display_name(self.path), f"column {name!r} changes type here", line=line) from None
+            i = _first_odd_value(values, type_)
+            known = self.schema is not None and name in self.schema.names
+            earlier = self.schema.field(name).type if known else pa.array(values[:i]).type
+            raise InputError(display_name(self.path), f"column {name!r} changes type here (earlier rows: {earlier})",
+                             line=self.lines[i]) from None
 
     def _check_new_keys(self) -> None:
         known = set(self.schema.names)
