@@ -71,7 +71,8 @@ def open_input_stream(path: str) -> BinaryIO:
     if is_regular(path):
         return pa.input_stream(path, compression="detect")
     # A FIFO, `<(...)`, a device: no seeking (pyarrow's file reader would fail with "lseek failed").
-    return pa.input_stream(open(path, "rb"), compression=compression_of(path))
+    codec = compression_of(path)
+    return pa.input_stream(open(path, "rb"), compression=codec) if codec else open(path, "rb")
 
 
 def _is_stream_like(path: str) -> bool:
