@@ -215,8 +215,28 @@ class CsvWriter(Writer):
             self._csv.close()
 
 
-class TsvWriter(CsvWriter):
-    delimiter = "\t"
+class TsvWriter(Writer):
+    """TSV as the reader takes it: no quoting, a field is the text between two tabs (nulls are empty).
+    A value holding a tab or a newline cannot be TSV: an error that names the column (write CSV)."""
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        if not getattr(self, "_headed", False):
+            self._lines([list(batch.schema.names)], "a column name")
+            self._headed = True
+        columns = [pc.cast(col, pa.string()).to_pylist() for col in batch.columns]
+        self._lines([["" if v is None else v for v in row] for row in zip(*columns)], "a value")
+
+    def _lines(self, rows: list[list[str]], what: str) -> None:
+        for row in rows:
+            bad = next((v for v in row if "\t" in v or "\n" in v or "\r" in v), None)
+            if bad is not None:
+                raise OutputError(f"{self.path}: {what} holds a tab or a newline ({bad[:40]!r}), which TSV "
+                                  "cannot hold; write CSV instead")
+        self.sink.write("".join("\t".join(row) + "\n" for row in rows).encode("utf-8"))
+
+    def _close(self) -> None:
+        if not getattr(self, "_headed", False) and self.schema is not None:
+            self._write(_empty(self.schema))
 
 
 WRITERS: dict[str, type[Writer]] = {

@@ -54,6 +54,20 @@ def test_tsv_takes_quotes_literally(cli, ce_model, tmp_path):
     code, _, err = _score(cli, ce_model, src, out)
     assert code == 0, err
     assert [r["passage"] for r in _lines(out)] == ['"Hi" she said', '"unclosed', "p3"]
+    tsv = tmp_path / "out.tsv"  # and written back as it was read: no quoting either
+    code, _, err = _score(cli, ce_model, src, tsv)
+    assert code == 0, err
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert rows[0] == ["query", "passage", "score"] and [r[1] for r in rows[1:]] == ['"Hi" she said', '"unclosed', "p3"]
+    code, _, err = _score(cli, ce_model, tsv, tmp_path / "again.jsonl", "--score-col", "again")
+    assert code == 0 and [r["passage"] for r in _lines(tmp_path / "again.jsonl")] == [r[1] for r in rows[1:]]
+
+
+def test_a_tab_or_newline_cannot_be_written_as_tsv(cli, ce_model, tmp_path):
+    src, out = _jsonl(tmp_path / "in.jsonl", [{"query": "q", "passage": "two\nlines"}]), tmp_path / "out.tsv"
+    code, _, err = _score(cli, ce_model, src, out)
+    _assert_clean_failure(code, err, out, f"{out}: a value holds a tab or a newline ('two\\nlines'), which TSV "
+                                          "cannot hold; write CSV instead")
 
 
 @pytest.mark.parametrize("name, data", [

@@ -198,3 +198,15 @@ def test_sigkilled_run_leaves_a_temporary_file_that_the_next_run_removes(ce_mode
                            "-q", "--on-bad-row", "skip"], env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr
     _only(tmp_path, "in.jsonl", "big.jsonl", "out.jsonl", "out.jsonl.rejects.jsonl")
+
+
+def test_ray_output_dir_holding_the_input_is_not_replaced(tmp_path):
+    from rerank_cli.engines.ray.io import check_output_dir
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    src = _jsonl(folder / "in.jsonl", [GOOD])
+    with pytest.raises(OutputError, match="--output-dir holds .*in.jsonl, which replacing the folder would remove"):
+        check_output_dir(f"{tmp_path}/./parts", True, [str(src)])
+    check_output_dir(str(tmp_path / "other"), True, [str(src)])  # elsewhere: fine
+    assert src.exists()

@@ -19,6 +19,7 @@ from rerank_cli.config import RunConfig
 from rerank_cli.engines.job import added_names, check_added_columns, columns_of
 from rerank_cli.engines.ray.cluster import cause_text
 from rerank_cli.errors import InputError, OutputError, RerankError
+from rerank_cli.io.atomic import TMP_MARK, remove_stale
 from rerank_cli.io.columnar import _check_schema, _validate_batch
 from rerank_cli.io.formats import detect_format, display_name
 from rerank_cli.io.readers import Chunk, read_chunks
@@ -169,8 +170,17 @@ def _checked(name: str, batch: pa.RecordBatch, columns, added: list[str], skip_b
 # --- part files, written by Ray's writers ----------------------------------------------------------
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    if "://" in path or not os.path.exists(path):
+def check_output_dir(path: str, overwrite: bool, keep: list[str] = ()) -> None:
+    """The folder may be replaced (--overwrite) only if no input (nor the rejects file) lies in it."""
+    if "://" in path:
+        return
+    for other in keep:
+        if other and other != "-" and "://" not in other:
+            inside = os.path.realpath(other) + os.sep
+            if inside.startswith(os.path.realpath(path) + os.sep):
+                raise OutputError(f"{path}: --output-dir holds {other}, which replacing the folder would remove; "
+                                  "choose another folder")
+    if not os.path.exists(path):
         return
     if not os.path.isdir(path):
         raise OutputError(f"{path}: exists and is not a folder")
@@ -187,7 +197,9 @@ def write_dir(scored, cfg: RunConfig) -> int:
     fmt = cfg.output_format or "parquet"
     target = cfg.output_dir
     local = "://" not in target
-    stage = str(Path(target).with_name(f".{Path(target).name}.rerank-tmp-{os.getpid()}")) if local else target
+    stage = str(Path(target).with_name(f".{Path(target).name}{TMP_MARK}{os.getpid()}")) if local else target
+    if local:
+        remove_stale(Path(target))  # the staging folders of killed runs
     write = {"parquet": scored.write_parquet, "jsonl": scored.write_json, "csv": scored.write_csv}[fmt]
     try:
         write(stage)

@@ -114,7 +114,7 @@ def check_options(cfg: RunConfig) -> None:
         raise InputError(cfg.input, "no such file")
     check_first_window(cfg)
     if cfg.output_dir:
-        check_output_dir(cfg.output_dir, cfg.overwrite)
+        check_output_dir(cfg.output_dir, cfg.overwrite, [cfg.input] + ([cfg.rejects] if cfg.rejects else []))
 
 
 # --- the dataset -------------------------------------------------------------------------------
