@@ -148,6 +148,15 @@ def added_columns(cfg: RunConfig, scored, mask=None) -> list[tuple[pa.Field, pa.
     return cols
 
 
+def empty_output(cfg: RunConfig, schema: pa.Schema) -> pa.RecordBatch:
+    """No rows, with the input's columns and the ones scoring adds: what an input of no pairs (a
+    header-only CSV, a zero-row Parquet file) writes, so that the output still has its schema."""
+    fields = list(schema) + [pa.field(cfg.score_col, pa.float32())]
+    if cfg.long_passages == "window":
+        fields.append(pa.field(WINDOWS_COL, pa.int32()))
+    return pa.RecordBatch.from_pylist([], schema=pa.schema(fields))
+
+
 def added_names(cfg: RunConfig) -> list[str]:
     return [cfg.score_col] + ([WINDOWS_COL] if cfg.long_passages == "window" else [])
 

@@ -38,6 +38,7 @@ class Writer:
 
     def __init__(self, path: str, sink: BinaryIO, atomic: AtomicFile | None):
         self.path, self.sink, self.atomic = path, sink, atomic
+        self.to_stdout = sink is sys.stdout.buffer  # now: sys.stdout may be redirected later (Ray's driver)
         self.rows = 0
         self.schema: pa.Schema | None = None
 
@@ -72,7 +73,7 @@ class Writer:
         pass
 
     def _guard(self):
-        return _Guard(self.path, self.sink is sys.stdout.buffer)
+        return _Guard(self.path, self.to_stdout)
 
     def __enter__(self) -> Writer:
         return self
@@ -83,7 +84,7 @@ class Writer:
                 try:
                     self._close()
                 finally:
-                    if self.sink is not sys.stdout.buffer:
+                    if not self.to_stdout:
                         self.sink.close()
                     else:
                         self.sink.flush()

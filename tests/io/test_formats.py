@@ -96,20 +96,23 @@ def test_compressed_output_is_compressed(cli, ce_model, pairs_jsonl, tmp_path, s
         assert fh.readline() == '"qid","pid","query","passage","label","score"\n'
 
 
-def test_header_only_csv_and_zero_row_parquet_keep_their_columns(cli, ce_model, tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--work-dir", "WORK"], ["--devices", "cpu,cpu"]])
+def test_header_only_csv_and_zero_row_parquet_keep_their_columns(cli, ce_model, tmp_path, engine):
+    engine = [str(tmp_path / "work") if e == "WORK" else e for e in engine]
     src, out = tmp_path / "in.csv", tmp_path / "out.csv"
     src.write_text("id,query,passage\n")
-    code, _, err = _score(cli, ce_model, src, out)
+    code, _, err = _score(cli, ce_model, src, out, *engine)
     assert code == 0, err
     assert out.read_text() == '"id","query","passage","score"\n'
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": pa.array([], pa.int64()), "query": pa.array([], pa.string()),
                              "passage": pa.array([], pa.string())}), src)
     out = tmp_path / "out.parquet"
-    code, _, err = _score(cli, ce_model, src, out)
+    code, _, err = _score(cli, ce_model, src, out, *engine)
     assert code == 0, err
     schema = pq.read_schema(out)
     assert schema.names == ["id", "query", "passage", "score"] and schema.field("score").type == pa.float32()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "in.parquet", "out.csv", "out.parquet"]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
