@@ -107,6 +107,9 @@ class _RowBuffer:
             return pa.array(values, type=type_)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             i = _first_odd_value(values, type_)
+            if isinstance(values[i], int) and not -(2**63) <= values[i] < 2**63:
+                raise InputError(display_name(self.path), f"column {name!r} holds an integer past 64 bits",
+                                 line=self.lines[i]) from None
             known = self.schema is not None and name in self.schema.names
             earlier = self.schema.field(name).type if known else pa.array(values[:i]).type
             raise InputError(display_name(self.path), f"column {name!r} changes type here (earlier rows: {earlier})",

@@ -2,7 +2,8 @@
 
 Row-wise inputs (JSONL, CSV) are typed chunk by chunk, and the columns a later chunk brings must
 agree with those of the earlier ones. `widen` says what the types of both together are: a null column
-takes any type, integers and floats meet as float64, narrow integers meet as int64; anything else
+takes any type, integers and floats meet as float64, narrow integers meet as int64, JSON objects and
+arrays meet field by field (a key that appears later is added, null where absent); anything else
 (a number that turns into a string, ...) is a `TypeChange`. `conform` casts a batch to a (wider) schema,
 and only losslessly (Arrow's safe cast: 2**53 + 1 does not become a float). Every reader, writer and
 merge that puts batches together uses these two, so no value is ever cast lossily.
@@ -33,7 +34,17 @@ def widen_type(name: str, old: pa.DataType, new: pa.DataType) -> pa.DataType:
         return pa.float64()
     if _is_text(old) and _is_text(new):
         return pa.large_string() if pa.types.is_large_string(old) or pa.types.is_large_string(new) else old
+    if _is_nested(old) and _is_nested(new):  # JSON objects and arrays: the same rule, field by field
+        try:
+            merged = pa.unify_schemas([pa.schema([("v", old)]), pa.schema([("v", new)])], promote_options="permissive")
+            return merged.field(0).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass
     raise TypeChange(name, old, new)
+
+
+def _is_nested(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
 def _is_text(t: pa.DataType) -> bool:

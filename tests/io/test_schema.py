@@ -98,3 +98,19 @@ def test_ray_windows_widen_by_the_same_rule():
     text = pa.RecordBatch.from_pydict({"x": pa.array(["seven"]), "t": pa.array(["s"])})
     with pytest.raises(InputError, match="in.jsonl: row 4: columns change"):
         _same_schema("in.jsonl", text, schema, 4)
+
+
+def test_json_objects_widen_field_by_field(cli, ce_model, tmp_path):
+    rows = [{"query": "q", "passage": "p", "x": {"a": 1}}, {"query": "q", "passage": "p", "x": {"a": 1.5}},
+            {"query": "q", "passage": "p", "x": {"a": 2.5, "b": 1}}]
+    src, out = _jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.parquet"
+    code, _, err = cli("score", str(src), "-o", str(out), "-m", ce_model, "--sort-window", "1", "-q")
+    assert code == 0, err
+    assert [r["x"] for r in _read(out)] == [{"a": 1, "b": None}, {"a": 1.5, "b": None}, {"a": 2.5, "b": 1}]
+
+
+def test_an_integer_past_64_bits_names_the_line(cli, ce_model, tmp_path):
+    rows = [{"query": "q", "passage": "p", "x": 1}, {"query": "q", "passage": "p", "x": 10**24}]
+    src, out = _jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    code, _, err = cli("score", str(src), "-o", str(out), "-m", ce_model)
+    _assert_clean_failure(code, err, out, "in.jsonl:2: column 'x' holds an integer past 64 bits")
