@@ -2,7 +2,8 @@
 
 Owns parsing and validation: every bad row is reported with the file and the 1-based line (JSONL, CSV)
 or row (Parquet, Arrow), either as an `InputError` or, with `on_bad_row=skip`, as a `Reject` carried
-by the chunk. Never reads the whole file at once. Knows nothing about models or output.
+by the chunk. Never reads the whole file at once. Knows nothing about models or output. Parses JSONL
+and CSV/TSV here (types widened chunk by chunk by `schema.widen`); Parquet and Arrow are `columnar.py`'s.
 """
 
 from __future__ import annotations

@@ -34,8 +34,6 @@ def check_output_path(output: str, inputs: list[str], overwrite: bool) -> None:
 class Writer:
     """Format-specific sink; `open_writer` picks the subclass. Use as a context manager."""
 
-    fixed_schema = False  # the format's header/footer holds the schema (Parquet, Arrow, CSV's header)
-
     def __init__(self, path: str, sink: BinaryIO, atomic: AtomicFile | None):
         self.path, self.sink, self.atomic = path, sink, atomic
         self.to_stdout = sink is sys.stdout.buffer  # now: sys.stdout may be redirected later (Ray's driver)
@@ -136,8 +134,6 @@ def _json_ready(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 class ParquetWriter(Writer):
-    fixed_schema = True
-
     def _write(self, batch: pa.RecordBatch) -> None:
         if not hasattr(self, "_file"):
             self._file = self._open_format(self.sink, batch.schema)
@@ -158,8 +154,10 @@ class ParquetWriter(Writer):
         if not hasattr(self, "_file"):
             return
         if self.atomic is None or self.atomic.direct or getattr(self, "compressed", False):
-            raise TypeChange(next(f.name for f, g in zip(self.schema, schema) if not f.type.equals(g.type)),
-                             self.schema.field(0).type, schema.field(0).type)
+            name = next(f.name for f, g in zip(self.schema, schema) if not f.type.equals(g.type))
+            raise OutputError(f"{self.path}: column {name!r} widens from {self.schema.field(name).type} to "
+                              f"{schema.field(name).type} after row {self.rows}, and a streamed or compressed "
+                              "file cannot be rewritten; raise --sort-window past that row, or write JSONL")
         self._file.close()
         self.sink.close()
         tmp = str(self.atomic.tmp)

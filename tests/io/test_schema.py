@@ -114,3 +114,11 @@ def test_an_integer_past_64_bits_names_the_line(cli, ce_model, tmp_path):
     src, out = _jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     code, _, err = cli("score", str(src), "-o", str(out), "-m", ce_model)
     _assert_clean_failure(code, err, out, "in.jsonl:2: column 'x' holds an integer past 64 bits")
+
+
+def test_a_compressed_parquet_output_that_cannot_be_rewritten_says_so(cli, ce_model, tmp_path):
+    src, out = _jsonl(tmp_path / "in.jsonl", _rows()), tmp_path / "out.parquet.gz"
+    code, _, err = cli("score", str(src), "-o", str(out), "-m", ce_model, "--sort-window", "2")
+    _assert_clean_failure(code, err, out, f"{out}: column 'x' widens from int64 to double after row 4, and a "
+                                          "streamed or compressed file cannot be rewritten")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
