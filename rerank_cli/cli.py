@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from rerank_cli.errors import ConfigError, Interrupted, RerankError, Terminated
+from rerank_cli.errors import ConfigError, Interrupted, OutputClosed, RerankError, Terminated
 
 app = typer.Typer(
     name="rerank",
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(Interrupted.by(exc, "; finished shards are kept for resume"))
     except RerankError as exc:
         _fail(exc)
+    except BrokenPipeError:  # stdout closed by its reader while we printed (e.g. --dry-run | head -1)
+        _fail(OutputClosed("stdout was closed by its reader"))
     else:
         if status == Interrupted.exit_code:  # Typer returns 130 for Ctrl-C (and SIGTERM) instead of raising
             _fail(Interrupted.by(stop.cause, "; no output written"))
@@ -312,7 +314,10 @@ class _SigtermStop:
 def _fail(exc: RerankError) -> None:
     if os.environ.get("RERANK_DEBUG") == "1":
         raise exc
-    print(f"error: {exc}", file=sys.stderr)
+    if getattr(exc, "quiet", False):  # stdout closed by its reader: stop silently, like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no "Exception ignored" at exit
+    else:
+        print(f"error: {exc}", file=sys.stderr)
     sys.exit(exc.exit_code)
 
 

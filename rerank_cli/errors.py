@@ -62,6 +62,14 @@ class OutputError(RerankError):
     """The output cannot be written where asked (exists, is the input, unknown format)."""
 
 
+class OutputClosed(OutputError):
+    """Stdout was closed by its reader (`rerank score ... | head -1`): the run stops quietly, as other
+    Unix tools do, with exit status 141 (128 + SIGPIPE); nothing is printed."""
+
+    exit_code = 141
+    quiet = True
+
+
 class ModelError(RerankError):
     """The model cannot be loaded, or is not a reranker this tool knows how to run."""
 

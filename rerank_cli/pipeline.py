@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from rerank_cli.config import RunConfig, build_config
-from rerank_cli.engines.job import Summary
+from rerank_cli.engines.job import Summary, written_paths
 from rerank_cli.errors import ConfigError
-from rerank_cli.io.writers import check_output_path
+from rerank_cli.io.paths import check_paths
 from rerank_cli.progress import Reporter
 
 __all__ = ["Summary", "run", "score_file"]
@@ -39,7 +39,7 @@ def run(cfg: RunConfig, reporter: Reporter) -> Summary:
     set_allocator_env()  # before any CUDA use, here and in the workers that inherit the environment
     if not cfg.model:
         raise ConfigError("no model: pass --model PATH_OR_HUB_ID or --preset NAME")
-    check_output_path(cfg.output, [cfg.input], cfg.overwrite)
+    check_paths([cfg.input], written_paths(cfg), cfg.overwrite)
     if cfg.engine == "ray":
         from rerank_cli.engines.ray.run import run_ray
 

@@ -36,7 +36,7 @@ def run_inline(cfg: RunConfig, device: str, reporter: Reporter) -> Summary:
     summary = Summary.for_run(cfg, devices=[device], dtype=reranker.precision.name, output=cfg.output)
     reporter.start(input_rows(cfg))
     row = 1
-    with open_output(cfg) as writer, RejectSink(cfg) as rejects:
+    with RejectSink(cfg) as rejects, open_output(cfg) as writer:  # rejects kept only if the output is
         for chunk in chunks:
             rejects.add(chunk.rejects)
             q, p, inst = pair_columns(chunk, columns)

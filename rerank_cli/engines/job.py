@@ -19,7 +19,7 @@ import pyarrow as pa
 from rerank_cli.config import MAX_WINDOWS, RunConfig
 from rerank_cli.errors import ConfigError
 from rerank_cli.io.readers import Chunk, Columns, read_chunks
-from rerank_cli.io.writers import open_writer, write_rejects
+from rerank_cli.io.writers import RejectsFile, open_writer
 from rerank_cli.progress import Reporter
 from rerank_cli.rank.ranking import check_ranking_columns, open_ranked_output, wants_ranking
 
@@ -74,6 +74,8 @@ class Summary:
             text += f"; {self.rejected} bad rows skipped"
             if self.rejects_path:
                 text += f" (see {self.rejects_path})"
+            else:
+                text += " (not kept: pass --rejects PATH to keep them)"
         if self.backoffs:
             text += f"; {self.backoffs} out-of-memory back-offs"
         if self.fp32_reruns:
@@ -110,7 +112,7 @@ def open_output(cfg: RunConfig):
     """The sink every executor writes scored batches to, in input order (ranking may wrap it)."""
     if wants_ranking(cfg):
         return open_ranked_output(cfg)
-    return open_writer(cfg.output, cfg.output_format)
+    return open_writer(cfg.output, cfg.output_format, overwrite=cfg.overwrite)
 
 
 def columns_of(cfg: RunConfig) -> Columns:
@@ -144,6 +146,15 @@ def added_columns(cfg: RunConfig, scored, mask=None) -> list[tuple[pa.Field, pa.
     if cfg.long_passages == "window":
         cols.append((pa.field(WINDOWS_COL, pa.int32()), _placed(scored.windows, mask, pa.int32())))
     return cols
+
+
+def empty_output(cfg: RunConfig, schema: pa.Schema) -> pa.RecordBatch:
+    """No rows, with the input's columns and the ones scoring adds: what an input of no pairs (a
+    header-only CSV, a zero-row Parquet file) writes, so that the output still has its schema."""
+    fields = list(schema) + [pa.field(cfg.score_col, pa.float32())]
+    if cfg.long_passages == "window":
+        fields.append(pa.field(WINDOWS_COL, pa.int32()))
+    return pa.RecordBatch.from_pylist([], schema=pa.schema(fields))
 
 
 def added_names(cfg: RunConfig) -> list[str]:
@@ -183,33 +194,49 @@ def input_rows(cfg: RunConfig) -> int | None:
         return None
 
 
+def rejects_path(cfg: RunConfig) -> str | None:
+    """Where skipped rows go: --rejects, else OUTPUT.rejects.jsonl; None for stdout output without
+    --rejects (the summary line then says they were not kept)."""
+    return cfg.rejects or (f"{cfg.output}.rejects.jsonl" if cfg.output != "-" else None)
+
+
+def written_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Every file a scoring run writes, as (role, path), for `io.paths.check_paths`."""
+    paths = [("output", cfg.output)]
+    if cfg.on_bad_row == "skip" and rejects_path(cfg):
+        paths.append(("rejects file", rejects_path(cfg)))
+    return paths
+
+
 class RejectSink:
-    """Rejected rows, appended to a JSONL file opened on first use and removed if the run fails."""
+    """Rejected rows, written like an output (`io.writers.RejectsFile`): created on the first one, put in
+    place when the run succeeds, removed if it fails."""
 
     def __init__(self, cfg: RunConfig):
-        self.path = cfg.rejects or (f"{cfg.output}.rejects.jsonl" if cfg.output != "-" else None)
-        self.source = cfg.input
+        self.path = rejects_path(cfg)
+        self.source, self.overwrite = cfg.input, cfg.overwrite
         self.count = 0
-        if self.path and os.path.exists(self.path) and not cfg.overwrite:
-            raise ConfigError(f"{self.path}: rejects file already exists; pass --overwrite or --rejects PATH")
-        self._created = False
+        self._file: RejectsFile | None = None
 
     def add(self, rejects: list) -> None:
         if not rejects:
             return
         self.count += len(rejects)
         if self.path:
-            if not self._created and os.path.exists(self.path):
-                os.unlink(self.path)
-            self._created = True
-            write_rejects(self.path, rejects, self.source)
+            if self._file is None:
+                self._file = RejectsFile(self.path, self.source, overwrite=self.overwrite)
+            self._file.add(rejects)
 
     def __enter__(self) -> RejectSink:
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is not None and self._created and self.path and os.path.exists(self.path):
-            os.unlink(self.path)
+        if self._file is None:
+            return
+        if exc_type is None:
+            self._file.commit()
+        else:
+            self._file.discard()
 
 
 def describe_choices(reporter: Reporter, device: str, reranker) -> None:

@@ -2,68 +2,33 @@
 
 Owns parsing and validation: every bad row is reported with the file and the 1-based line (JSONL, CSV)
 or row (Parquet, Arrow), either as an `InputError` or, with `on_bad_row=skip`, as a `Reject` carried
-by the chunk. Never reads the whole file at once. Knows nothing about models or output.
+by the chunk. Never reads the whole file at once. Knows nothing about models or output. Parses JSONL
+and CSV/TSV here (types widened chunk by chunk by `schema.widen`); Parquet and Arrow are `columnar.py`'s.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from rerank_cli.errors import ConfigError, InputError, first_line
-from rerank_cli.io.formats import READ_FORMATS, STREAM, detect_format, display_name, open_input_stream
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which input columns hold the pair, and which column the score will take.
-
-    `query`/`passage` None: no text column is required (reading an already scored file to rank or
-    evaluate it). `score` None: no score column will be added, so an existing one is welcome.
-    """
-
-    query: str | None = "query"
-    passage: str | None = "passage"
-    instruction: str | None = None
-    score: str | None = "score"
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return tuple(c for c in (self.query, self.passage, self.instruction) if c)
-
-    @classmethod
-    def scored(cls) -> Columns:
-        """Any table: nothing required, nothing added (the caller checks the columns it needs)."""
-        return cls(query=None, passage=None, score=None)
-
-
-@dataclass
-class Reject:
-    """A row skipped under `--on-bad-row skip`, kept for the rejects file."""
-
-    where: str  # "line 12" or "row 12"
-    error: str
-    raw: str
-
-
-@dataclass
-class Chunk:
-    """Up to `window` valid rows (all input columns) and the rows rejected on the way."""
-
-    batch: pa.RecordBatch
-    rejects: list[Reject] = field(default_factory=list)
-
-    @property
-    def num_rows(self) -> int:
-        return self.batch.num_rows
+from rerank_cli.io.chunks import Chunk, Columns, Reject
+from rerank_cli.io.columnar import _arrow, _parquet
+from rerank_cli.io.formats import (
+    READ_FORMATS,
+    STREAM,
+    detect_format,
+    display_name,
+    open_input_stream,
+)
+from rerank_cli.io.schema import TypeChange, conform, widen, widen_type
 
 
 def read_chunks(
@@ -112,6 +77,8 @@ class _RowBuffer:
         return chunk
 
     def _to_batch(self) -> pa.RecordBatch:
+        """This chunk's rows, typed by themselves, then widened with the earlier chunks' types
+        (`schema.widen`): 7 in the first chunk and 7.9 in a later one make a float column, never 7."""
         if self.schema is None:
             names = list(dict.fromkeys(k for row in self.rows for k in row))
             if self.columns.score in names:
@@ -119,24 +86,35 @@ class _RowBuffer:
                     f"{display_name(self.path)} already has a column {self.columns.score!r}; "
                     "name the new one with --score-col"
                 )
-            arrays = [self._column(name, None) for name in names]
-            batch = pa.RecordBatch.from_arrays(arrays, names=names)
-            self.schema = batch.schema
-            return batch
-        self._check_new_keys()
-        arrays = [self._column(f.name, f.type) for f in self.schema]
-        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        else:
+            self._check_new_keys()
+            names = self.schema.names
+        batch = pa.RecordBatch.from_arrays([self._column(name, None) for name in names], names=names)
+        try:
+            self.schema = widen(self.schema, batch.schema)
+            return conform(batch, self.schema)
+        except TypeChange as change:
+            name, type_ = change.name, change.old
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            name = next(f.name for f, n in zip(self.schema, batch.schema) if not f.type.equals(n.type))
+            type_ = self.schema.field(name).type
+        values = [row.get(name) for row in self.rows]
+        raise InputError(display_name(self.path), f"column {name!r} changes type here (earlier rows: {type_})",
+                         line=self.lines[_first_odd_value(values, type_)]) from None
 
     def _column(self, name: str, type_: pa.DataType | None) -> pa.Array:
         values = [row.get(name) for row in self.rows]
         try:
             return pa.array(values, type=type_)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            line = self.lines[_first_odd_value(values, type_)]
-            seen = f" ({type_})" if type_ is not None else ""
-            raise InputError(
-                display_name(self.path), f"column {name!r} changes type here{seen}", line=line
-            ) from None
+            i = _first_odd_value(values, type_)
+            if isinstance(values[i], int) and not -(2**63) <= values[i] < 2**63:
+                raise InputError(display_name(self.path), f"column {name!r} holds an integer past 64 bits",
+                                 line=self.lines[i]) from None
+            known = self.schema is not None and name in self.schema.names
+            earlier = self.schema.field(name).type if known else pa.array(values[:i]).type
+            raise InputError(display_name(self.path), f"column {name!r} changes type here (earlier rows: {earlier})",
+                             line=self.lines[i]) from None
 
     def _check_new_keys(self) -> None:
         known = set(self.schema.names)
@@ -152,11 +130,16 @@ class _RowBuffer:
 
 
 def _first_odd_value(values: list[Any], type_: pa.DataType | None) -> int:
-    """Index of the first value that does not fit the type of the earlier ones."""
-    for i in range(len(values)):
+    """Index of the first value that does not fit the earlier ones' type (`type_`, else inferred)."""
+    errors = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
+    for i, value in enumerate(values):
         try:
-            pa.array(values[: i + 1], type=type_)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            if type_ is None:
+                pa.array(values[: i + 1])
+            elif value is not None:
+                widen_type("", type_, pa.array([value]).type)
+                pa.array([value]).cast(type_, safe=True)
+        except (*errors, TypeChange):
             return i
     return 0
 
@@ -176,13 +159,17 @@ def pair_problem(row: dict[str, Any], columns: Columns) -> str | None:
 
 def _jsonl(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -> Iterator[Chunk]:
     buf = _RowBuffer(path, columns, skip_bad)
+    line_no = 0
     with _stream(path) as stream:
-        for line_no, raw in enumerate(stream, 1):
-            row = _parse_json_line(buf, line_no, raw)
-            if row is not None:
-                buf.add(line_no, row, raw.decode("utf-8", "replace").rstrip("\n"))
-            if len(buf.rows) >= window:
-                yield buf.flush()
+        with _unreadable(path, lambda: line_no + 1):
+            for line_no, raw in enumerate(stream, 1):
+                if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]  # a byte-order mark is not part of the first key
+                row = _parse_json_line(buf, line_no, raw)
+                if row is not None:
+                    buf.add(line_no, row, raw.decode("utf-8", "replace").rstrip("\n"))
+                if len(buf.rows) >= window:
+                    yield buf.flush()
     if buf.rows or buf.rejects:
         yield buf.flush()
 
@@ -201,41 +188,116 @@ def _parse_json_line(buf: _RowBuffer, line_no: int, raw: bytes) -> dict[str, Any
     except json.JSONDecodeError as exc:
         buf.bad(line_no, f"malformed JSON ({exc.msg} at column {exc.colno})", shown)
         return None
+    except RecursionError:
+        buf.bad(line_no, "JSON nested too deeply", shown[:200])
+        return None
+    if "\\u" in text and _has_lone_surrogate(obj):
+        buf.bad(line_no, "a \\u escape that is a lone surrogate (not a character: not valid UTF-8)", shown)
+        return None
     if not isinstance(obj, dict):
         buf.bad(line_no, f"expected a JSON object, got {type(obj).__name__}", shown)
         return None
     return obj
 
 
+def _has_lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+class _unreadable:
+    """A stream that fails mid-read (a corrupt or truncated .gz, a file that is not gzip at all) is an
+    InputError naming the line it could not read."""
+
+    def __init__(self, path: str, line):
+        self.path, self.line = path, line
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise InputError(display_name(self.path), f"cannot be read ({first_line(exc)})",
+                             line=self.line()) from None
+        return False
+
+
 def _csv(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -> Iterator[Chunk]:
+    """CSV as Python's csv module reads it, strictly (a quote must close before the end of the file
+    and within MAX_RECORD_LINES lines); TSV with no quoting at all: a field is what lies between tabs."""
     buf = _RowBuffer(path, columns, skip_bad)
     name = display_name(path)
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a passage may be long; lines are bounded
     with _stream(path) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
-        reader = csv.reader(text, delimiter="\t" if fmt == "tsv" else ",")
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # -sig: a BOM is not a name
+        lines = _LineCounter(text)
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {"strict": True}
+        reader = csv.reader(lines, **dialect)
         try:
-            header = next(reader, None)
-            if header is None:
-                return
-            _check_header(name, header, columns)
-            for fields in reader:
-                line = reader.line_num
-                if len(fields) != len(header):
-                    buf.bad(line, f"expected {len(header)} fields, got {len(fields)}", ",".join(fields))
-                    continue
-                buf.add(line, dict(zip(header, fields)), ",".join(fields))
-                if len(buf.rows) >= window:
-                    yield buf.flush()
+            with _unreadable(path, lambda: lines.count + 1):
+                header = next(reader, None)
+                if header is None:
+                    return
+                _check_header(name, header, columns)
+                lines.start = lines.count + 1
+                for fields in reader:
+                    line, lines.start = lines.start, lines.count + 1
+                    if len(fields) != len(header):
+                        buf.bad(line, f"expected {len(header)} fields, got {len(fields)}", ",".join(fields))
+                        continue
+                    buf.add(line, dict(zip(header, fields)), ",".join(fields))
+                    if len(buf.rows) >= window:
+                        yield buf.flush()
         except UnicodeDecodeError as exc:
             raise InputError(name, f"bytes that are not UTF-8 (at byte {exc.start} of a read block)",
-                             line=reader.line_num + 1) from None
+                             line=lines.count + 1) from None
+        except _OpenQuote:
+            raise InputError(name, f"a quoted field opens here and does not close within {MAX_RECORD_LINES:,} "
+                                   "lines (an unclosed quote?)", line=lines.start) from None
         except csv.Error as exc:
-            raise InputError(name, f"malformed CSV ({exc})", line=reader.line_num) from None
-    if buf.rows or buf.rejects:
-        yield buf.flush()
+            if "end of data" in str(exc):
+                raise InputError(name, "a quoted field opens here and never closes", line=lines.start) from None
+            raise InputError(name, f"malformed CSV ({exc})", line=lines.count) from None
+    if buf.rows or buf.rejects or buf.schema is None:
+        yield buf.flush() if buf.rows or buf.rejects else _header_only(header)
+
+
+MAX_RECORD_LINES = 10_000  # a CSV record (quoted newlines included) spanning more lines is an error
+
+
+class _OpenQuote(Exception):
+    pass
+
+
+class _LineCounter:
+    """Feeds csv.reader line by line, counting; `start` is the line the record being read began on."""
+
+    def __init__(self, text):
+        self.text, self.count, self.start = text, 0, 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.text)
+        self.count += 1
+        if self.count - self.start >= MAX_RECORD_LINES:
+            raise _OpenQuote()
+        return line
+
+
+def _header_only(header: list[str]) -> Chunk:
+    """A CSV file with a header and no rows: no rows, but its columns (all strings), for the output."""
+    return Chunk(pa.RecordBatch.from_pylist([], schema=pa.schema([(n, pa.string()) for n in header])))
 
 
 def _check_header(name: str, header: list[str], columns: Columns) -> None:
+    twice = next((n for i, n in enumerate(header) if n in header[:i]), None)
+    if twice is not None:
+        raise InputError(name, f"two columns are named {twice!r}; rename one", line=1)
     missing = [c for c in columns.required if c not in header]
     if missing:
         raise InputError(name, f"missing column {missing[0]!r} (columns: {', '.join(header)})", line=1)
@@ -276,80 +338,3 @@ class _RawAdapter(io.RawIOBase):
         return len(data)
 
 
-# --- columnar formats (Parquet, Arrow IPC): validated with Arrow compute, rows are 1-based ----------
-
-
-def _parquet(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -> Iterator[Chunk]:
-    import pyarrow.parquet as pq
-
-    name = display_name(path)
-    source = io.BytesIO(open_input_stream(path).read()) if path == STREAM else path
-    try:
-        pf = pq.ParquetFile(source)
-        batches = pf.iter_batches(batch_size=window)
-        yield from _columnar(name, pf.schema_arrow, batches, columns, skip_bad)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise InputError(name, f"not a readable Parquet file ({first_line(exc)})") from None
-
-
-def _arrow(path: str, columns: Columns, window: int, skip_bad: bool, fmt: str) -> Iterator[Chunk]:
-    import pyarrow.ipc as ipc
-
-    name = display_name(path)
-    try:
-        with pa.memory_map(path) as source:
-            reader = ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            yield from _columnar(name, reader.schema, _rebatch(batches, window), columns, skip_bad)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(name, f"not a readable Arrow file ({first_line(exc)})") from None
-
-
-def _rebatch(batches: Iterator[pa.RecordBatch], window: int) -> Iterator[pa.RecordBatch]:
-    for batch in batches:
-        for start in range(0, batch.num_rows, window):
-            yield batch.slice(start, window)
-
-
-def _columnar(name, schema, batches, columns: Columns, skip_bad: bool) -> Iterator[Chunk]:
-    _check_schema(name, schema, columns)
-    first_row = 1
-    for batch in batches:
-        yield _validate_batch(name, batch, columns, skip_bad, first_row)
-        first_row += batch.num_rows
-
-
-def _check_schema(name: str, schema: pa.Schema, columns: Columns) -> None:
-    for col in columns.required:
-        if col not in schema.names:
-            raise InputError(name, f"missing column {col!r} (columns: {', '.join(schema.names)})")
-        type_ = schema.field(col).type
-        if not (pa.types.is_string(type_) or pa.types.is_large_string(type_)
-                or pa.types.is_string_view(type_) or pa.types.is_null(type_)):
-            raise InputError(name, f"column {col!r} holds {type_}, not strings")
-    if columns.score in schema.names:
-        raise ConfigError(f"{name} already has a column {columns.score!r}; name the new one with --score-col")
-
-
-def _validate_batch(name, batch: pa.RecordBatch, columns: Columns, skip_bad: bool, first_row: int) -> Chunk:
-    if not columns.required:
-        return Chunk(batch)
-    bad = None
-    for col in columns.required:
-        nulls = pc.is_null(batch.column(col))
-        bad = nulls if bad is None else pc.or_(bad, nulls)
-    if not pc.any(bad).as_py():
-        return Chunk(batch)
-    indices = pc.indices_nonzero(bad).to_pylist()
-    if not skip_bad:
-        row = batch.slice(indices[0], 1).to_pylist()[0]
-        col = next(c for c in columns.required if row[c] is None)
-        raise InputError(name, f"{col!r} is null", row=first_row + indices[0])
-    rejects = [_columnar_reject(batch, i, first_row, columns) for i in indices]
-    return Chunk(batch.filter(pc.invert(bad)), rejects)
-
-
-def _columnar_reject(batch: pa.RecordBatch, i: int, first_row: int, columns: Columns) -> Reject:
-    row = batch.slice(i, 1).to_pylist()[0]
-    col = next(c for c in columns.required if row[c] is None)
-    return Reject(f"row {first_row + i}", f"{col!r} is null", json.dumps(row, default=str))

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from rerank_cli.errors import ConfigError, InputError, OutputError
 from rerank_cli.io.formats import WRITE_FORMATS, detect_format, display_name
+from rerank_cli.io.schema import widen
 from rerank_cli.io.writers import Writer, check_output_path, open_writer, register_writer
 
 RANK_COL = "rank"
@@ -107,6 +108,9 @@ class TopK:
         self.seen = 0
 
     def add(self, batch: pa.RecordBatch) -> None:
+        # Kept rows are Python values, built into batches at the end with the widest types seen
+        # (`io.schema.widen`): a score column of whole numbers and then 7.9 stays 7.9.
+        self.schema = widen(self.schema, pa.schema([batch.schema.field(c) for c in self.keep]))
         groups = batch.column(self.group).to_pylist()
         scores = score_values(batch, self.spec, self.seen)
         fresh: list[list] = []
@@ -253,8 +257,8 @@ class RankingWriter:
 def open_ranked_output(cfg) -> RankingWriter:
     """The ranking sink for a run config: the output writer (atomic for files) wrapped in a ranker."""
     spec = RankSpec.from_config(cfg)
-    inner = open_writer(cfg.output, cfg.output_format, group_col=cfg.group_col, query_col=spec.query,
-                        doc_col=cfg.doc_col, score_col=cfg.score_col, run_tag=cfg.run_tag)
+    inner = open_writer(cfg.output, cfg.output_format, overwrite=cfg.overwrite, group_col=cfg.group_col,
+                        query_col=spec.query, doc_col=cfg.doc_col, score_col=cfg.score_col, run_tag=cfg.run_tag)
     return RankingWriter(inner, spec)
 
 

@@ -40,3 +40,37 @@ def test_peak_memory_flat_from_2k_to_200k_pairs(ce_model, tmp_path):
 
     ids = pq.read_table(tmp_path / "big.parquet", columns=["id"]).column("id").to_pylist()
     assert ids == list(range(200_000))
+
+
+_READ_PEAK = """
+import resource, sys
+from rerank_cli.io.readers import Columns, read_chunks
+rows = sum(c.num_rows for c in read_chunks(sys.argv[1], Columns()))
+print(rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def _reader_peak_mib(path) -> tuple[int, int]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", _READ_PEAK, str(path)], env=env, capture_output=True, check=True)
+    rows, peak = out.stdout.split()
+    return int(rows), int(peak)
+
+
+def test_one_huge_parquet_row_group_is_streamed_in_record_batches(tmp_path):
+    """200,000 rows of 1 KB passages written as ONE row group (about 200 MiB decoded) read in about the
+    memory of 2,000 rows: the reader streams record batches, it does not decode the row group whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(path, n):
+        passages = pa.array([f"{i} " + "lorem ipsum dolor sit amet " * 38 for i in range(n)])
+        pq.write_table(pa.table({"query": pa.array(["q"] * n), "passage": passages}), path, row_group_size=n)
+
+    write(tmp_path / "big.parquet", 200_000)
+    write(tmp_path / "small.parquet", 2_000)
+    assert pq.ParquetFile(tmp_path / "big.parquet").metadata.num_row_groups == 1
+    rows_big, big = _reader_peak_mib(tmp_path / "big.parquet")
+    rows_small, small = _reader_peak_mib(tmp_path / "small.parquet")
+    assert (rows_big, rows_small) == (200_000, 2_000)
+    assert big <= small + 64, (big, small)  # decoding the group whole would add about 200 MiB

@@ -270,8 +270,6 @@ class Shard:
 def cut_shards(batches: Iterable, size: int) -> Iterator[tuple[Shard, Any]]:
     """Cut a stream of record batches into (Shard, pyarrow.Table) of exactly `size` rows (the last
     may be shorter), holding no more than one shard in memory."""
-    import pyarrow as pa
-
     held: list = []
     count, shard_id, first = 0, 0, 1
     for batch in batches:
@@ -281,7 +279,20 @@ def cut_shards(batches: Iterable, size: int) -> Iterator[tuple[Shard, Any]]:
             count += take
             batch = batch.slice(take)
             if count == size:
-                yield Shard(shard_id, first, count), pa.Table.from_batches(held)
+                yield Shard(shard_id, first, count), _table(held)
                 shard_id, first, held, count = shard_id + 1, first + count, [], 0
     if count:
-        yield Shard(shard_id, first, count), pa.Table.from_batches(held)
+        yield Shard(shard_id, first, count), _table(held)
+
+
+def _table(batches: list):
+    """One shard's batches as a table; where the reader widened a column mid-shard (int, then float:
+    `io.schema.widen`), the earlier batches take the wider type, losslessly."""
+    import pyarrow as pa
+
+    from rerank_cli.io.schema import conform, widen
+
+    schema = None
+    for batch in batches:
+        schema = widen(schema, batch.schema)
+    return pa.Table.from_batches([conform(b, schema) for b in batches], schema=schema)

@@ -24,10 +24,12 @@ from rerank_cli.engines.job import (
     RejectSink,
     Summary,
     describe_choices,
+    empty_output,
     finish,
     input_rows,
     open_chunks,
     open_output,
+    written_paths,
 )
 from rerank_cli.engines.local.merge import OrderedMerge
 from rerank_cli.engines.local.plan import Plan, cut_shards, make_plan
@@ -45,6 +47,7 @@ def run_parallel(cfg, devices: list[str], reporter) -> Summary | None:
     """Score `cfg.input` over `devices` (or print the plan, for --dry-run)."""
     plan = make_plan(cfg, devices, input_rows(cfg))
     workdir = WorkDir.for_run(cfg)
+    workdir.check_paths([cfg.input], written_paths(cfg))
     fp = fingerprint(cfg, plan)
     if cfg.dry_run:
         return dry_run(cfg, plan, workdir, fp)
@@ -86,9 +89,12 @@ def dry_run(cfg, plan: Plan, workdir: WorkDir, fp: dict) -> None:
     return None
 
 
-def _batches(chunks, rejects: RejectSink):
+def _batches(chunks, rejects: RejectSink, schemas: list):
+    """The chunks' batches for `cut_shards`; `schemas` gets the first one's schema (for `empty_output`)."""
     for chunk in chunks:
         rejects.add(chunk.rejects)
+        if not schemas:
+            schemas.append(chunk.batch.schema)
         yield chunk.batch
 
 
@@ -106,10 +112,10 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
     total = input_rows(cfg)
     reporter.start(total)
     try:
-        with open_output(cfg) as writer, RejectSink(cfg) as rejects:
+        with RejectSink(cfg) as rejects, open_output(cfg) as writer:
             merge = OrderedMerge(writer, workdir.part)
-            shards = 0
-            for shard, table in cut_shards(_batches(chunks, rejects), plan.shard_rows):
+            shards, schemas = 0, []
+            for shard, table in cut_shards(_batches(chunks, rejects, schemas), plan.shard_rows):
                 shards += 1
                 if resume.done.get(shard.id) != shard.rows:
                     t = time.perf_counter()
@@ -121,6 +127,8 @@ def run_sharded_inline(cfg, plan: Plan, workdir: WorkDir, fp: dict, resume, repo
                     reporter.set_total(total)  # the bar counts this run's work only
                 merge.add(shard.id, shard.rows)
                 merge.flush()
+            if not shards and schemas:
+                writer.write(empty_output(cfg, schemas[0]))
             workdir.record_shards(fp, shards)
     finally:
         reporter.stop()
@@ -146,14 +154,17 @@ class ParallelRun:
     def run(self) -> Summary:
         started = time.perf_counter()
         chunks = open_chunks(self.cfg)  # bad input fails here, before any worker starts
-        with open_output(self.cfg) as writer, RejectSink(self.cfg) as rejects, self.pool:
+        with RejectSink(self.cfg) as rejects, open_output(self.cfg) as writer, self.pool:
             self.merge = OrderedMerge(writer, self.workdir.part)
-            self.source = cut_shards(_batches(chunks, rejects), self.plan.shard_rows)
+            schemas: list = []
+            self.source = cut_shards(_batches(chunks, rejects, schemas), self.plan.shard_rows)
             self.reporter.start(self.known_rows)
             try:
                 self._loop()
             finally:
                 self.reporter.stop()
+            if not self.rows_read and schemas:
+                writer.write(empty_output(self.cfg, schemas[0]))
         if self.merge.rows != self.rows_read:
             raise WorkerError(f"internal: merged {self.merge.rows} rows of {self.rows_read}")
         return self._summary(rejects, started)

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from rerank_cli.config import MAX_WINDOWS
 from rerank_cli.errors import ConfigError
+from rerank_cli.io.paths import same_file
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -109,6 +110,22 @@ class WorkDir:
             out = Path(cfg.output)
             return cls(out.parent / f".{out.name}.rerank-work")
         return cls(Path(tempfile.mkdtemp(prefix="rerank-work-")), temporary=True)
+
+    def check_paths(self, inputs: list[str], outputs: list[tuple[str, str]]) -> None:
+        """Refuse a work dir that is a file the run reads or writes, or in which clearing our files
+        would remove one of them (an input named `shard-...` or `lock` inside it)."""
+        if self.temporary:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"work dir {self.path}: exists and is not a folder")
+        for role, path in [("input", p) for p in inputs] + outputs:
+            if not path or path == "-":
+                continue
+            if same_file(path, self.path):
+                raise ConfigError(f"work dir {self.path}: is the {role}; choose another --work-dir")
+            if same_file(Path(path).parent, self.path) and Path(path).name.startswith(_OURS):
+                raise ConfigError(f"{path}: the {role} is in the work dir {self.path} under a name the work "
+                                  "dir uses for its own files; choose another --work-dir")
 
     def input(self, k: int) -> Path:
         return self.path / shard_name(k, "in.arrow")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_cli.errors import InputError, PairTooLargeError
-from rerank_cli.io.readers import _check_schema
+from rerank_cli.io.columnar import _check_schema
 
 PROGRESS_EVERY_S = 0.5
 

@@ -19,8 +19,11 @@ from rerank_cli.config import RunConfig
 from rerank_cli.engines.job import added_names, check_added_columns, columns_of
 from rerank_cli.engines.ray.cluster import cause_text
 from rerank_cli.errors import InputError, OutputError, RerankError
+from rerank_cli.io.atomic import TMP_MARK, remove_stale
+from rerank_cli.io.columnar import _check_schema, _validate_batch
 from rerank_cli.io.formats import detect_format, display_name
-from rerank_cli.io.readers import Chunk, _check_schema, _validate_batch, read_chunks
+from rerank_cli.io.readers import Chunk, read_chunks
+from rerank_cli.io.schema import TypeChange, conform, widen
 
 READ_FORMATS = ("jsonl", "parquet", "csv", "tsv")
 JSON_EXTENSIONS = ["json", "jsonl", "ndjson"] + [f"{e}.{z}" for e in ("json", "jsonl", "ndjson")
@@ -84,10 +87,17 @@ def _read_csv(ray, path: str, delimiter: str):
 
     names = _csv_header(path, delimiter)
     return ray.data.read_csv(
-        path, parse_options=pcsv.ParseOptions(delimiter=delimiter),
+        path, parse_options=_parse_options(delimiter),
         convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
         file_extensions=None if delimiter == "," else ["tsv", "tsv.gz"],
     )
+
+
+def _parse_options(delimiter: str):
+    """As the local reader: CSV quotes fields, TSV does not (a quote in a TSV field is a character)."""
+    import pyarrow.csv as pcsv
+
+    return pcsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"')
 
 
 def _csv_header(path: str, delimiter: str) -> list[str]:
@@ -103,7 +113,7 @@ def _csv_header(path: str, delimiter: str) -> list[str]:
             raise InputError(path, "no files in this folder")
         where = files[0]
     with fs.open_input_stream(where, compression="detect") as stream:
-        reader = pcsv.open_csv(stream, parse_options=pcsv.ParseOptions(delimiter=delimiter),
+        reader = pcsv.open_csv(stream, parse_options=_parse_options(delimiter),
                                convert_options=pcsv.ConvertOptions(column_types={}))
         return reader.schema.names
 
@@ -133,15 +143,19 @@ def write_file(scored, cfg: RunConfig, writer, rejects) -> int:
 
 
 def _same_schema(name: str, batch: pa.RecordBatch, schema: pa.Schema | None, row: int):
-    """Later windows take the first window's column types (a JSON column that is all null in one
-    window comes back typed null); a window whose columns differ is an input error."""
+    """Windows typed apart meet under the one rule (`io.schema.widen`: null takes any type, int and
+    float meet as float); the writer widens what it wrote before. Columns that differ otherwise are
+    an input error."""
     if schema is None or batch.schema.equals(schema):
         return batch, schema or batch.schema
     try:
-        return batch.select(schema.names).cast(schema), schema
-    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        raise InputError(name, f"columns change from ({', '.join(schema.names)}) to "
-                               f"({', '.join(batch.schema.names)}) near here", row=row) from None
+        batch = batch.select(schema.names) if set(batch.schema.names) == set(schema.names) else batch
+        wider = widen(schema, batch.schema)
+        return conform(batch, wider), wider
+    except (KeyError, TypeChange, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise InputError(name, f"columns change from ({', '.join(f'{f.name}: {f.type}' for f in schema)}) to "
+                               f"({', '.join(f'{f.name}: {f.type}' for f in batch.schema)}) near here",
+                         row=row) from None
 
 
 def _checked(name: str, batch: pa.RecordBatch, columns, added: list[str], skip_bad: bool, first_row: int) -> Chunk:
@@ -156,8 +170,17 @@ def _checked(name: str, batch: pa.RecordBatch, columns, added: list[str], skip_b
 # --- part files, written by Ray's writers ----------------------------------------------------------
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    if "://" in path or not os.path.exists(path):
+def check_output_dir(path: str, overwrite: bool, keep: list[str] = ()) -> None:
+    """The folder may be replaced (--overwrite) only if no input (nor the rejects file) lies in it."""
+    if "://" in path:
+        return
+    for other in keep:
+        if other and other != "-" and "://" not in other:
+            inside = os.path.realpath(other) + os.sep
+            if inside.startswith(os.path.realpath(path) + os.sep):
+                raise OutputError(f"{path}: --output-dir holds {other}, which replacing the folder would remove; "
+                                  "choose another folder")
+    if not os.path.exists(path):
         return
     if not os.path.isdir(path):
         raise OutputError(f"{path}: exists and is not a folder")
@@ -174,7 +197,9 @@ def write_dir(scored, cfg: RunConfig) -> int:
     fmt = cfg.output_format or "parquet"
     target = cfg.output_dir
     local = "://" not in target
-    stage = str(Path(target).with_name(f".{Path(target).name}.rerank-tmp-{os.getpid()}")) if local else target
+    stage = str(Path(target).with_name(f".{Path(target).name}{TMP_MARK}{os.getpid()}")) if local else target
+    if local:
+        remove_stale(Path(target))  # the staging folders of killed runs
     write = {"parquet": scored.write_parquet, "jsonl": scored.write_json, "csv": scored.write_csv}[fmt]
     try:
         write(stage)

@@ -64,8 +64,9 @@ def run_ray(cfg: RunConfig, reporter: Reporter) -> Summary:
     started = time.perf_counter()
     summary = Summary.for_run(cfg, output=cfg.output_dir or cfg.output)
     with contextlib.ExitStack() as stack:
+        # The rejects file is entered first so it exits last: it is kept only if the output's commit worked.
+        rejects = stack.enter_context(RejectSink(cfg)) if not cfg.output_dir else None
         writer = None if cfg.output_dir else stack.enter_context(open_output(cfg))
-        rejects = stack.enter_context(RejectSink(cfg)) if writer else None
         stack.enter_context(contextlib.redirect_stdout(_ReporterLines(reporter)))
         stack.enter_context(ray_session(ray, cfg, reporter))
         stack.enter_context(data_context(ray, cfg))
@@ -113,7 +114,7 @@ def check_options(cfg: RunConfig) -> None:
         raise InputError(cfg.input, "no such file")
     check_first_window(cfg)
     if cfg.output_dir:
-        check_output_dir(cfg.output_dir, cfg.overwrite)
+        check_output_dir(cfg.output_dir, cfg.overwrite, [cfg.input] + ([cfg.rejects] if cfg.rejects else []))
 
 
 # --- the dataset -------------------------------------------------------------------------------
