@@ -116,7 +116,9 @@ def assert_same_scores(got: pa.Table, want: pa.Table) -> None:
     assert got.schema.names == want.schema.names
     assert got.schema.field("score").type == pa.float32()
     assert got.drop_columns(["score"]).equals(want.drop_columns(["score"]))  # every column, in order
-    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-6)
+    # Same batches, but an actor may run another thread count than the local engine, and oneDNN's
+    # reductions then sum in another order: equal to the project's fp32 tolerance, not to the bit.
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=0, atol=1e-5)
 
 
 def test_parquet_matches_local_engine(ray_cluster, pairs_parquet, ce_model, local_engine, tmp_path):
