@@ -58,16 +58,24 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out}
 
 
-def prepare(pairs: int, llm_pairs: int) -> dict:
-    from rerank_cli.model.tiny import build_cross_encoder, build_llm, write_pairs
+def bench_models() -> tuple[str, str]:
+    """The bench-size cross-encoder and LLM reranker (built once into bench-out)."""
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm
 
     OUT.mkdir(exist_ok=True)
     if not (OUT / "bench-ce" / "config.json").exists():
         build_cross_encoder(OUT / "bench-ce", "bench")
         build_llm(OUT / "bench-llm", "bench")
+    return str(OUT / "bench-ce"), str(OUT / "bench-llm")
+
+
+def prepare(pairs: int, llm_pairs: int) -> dict:
+    from rerank_cli.model.tiny import write_pairs
+
+    ce, llm = bench_models()
     return {
-        "ce": (str(OUT / "bench-ce"), str(write_pairs(OUT / f"pairs-{pairs}.parquet", pairs, seed=5))),
-        "llm": (str(OUT / "bench-llm"), str(write_pairs(OUT / f"pairs-{llm_pairs}.parquet", llm_pairs, seed=5))),
+        "ce": (ce, str(write_pairs(OUT / f"pairs-{pairs}.parquet", pairs, seed=5))),
+        "llm": (llm, str(write_pairs(OUT / f"pairs-{llm_pairs}.parquet", llm_pairs, seed=5))),
     }
 
 
@@ -105,12 +113,18 @@ def parity(kind: str) -> dict[str, float]:
     return diffs
 
 
-def bench(kind: str, model: str, pairs: str, rounds: int) -> dict:
-    cmds = contenders(kind, model, pairs)
+def alternate(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[dict]]:
+    """`timed` runs of each command, alternated so drift on the machine hits everyone alike."""
     runs: dict[str, list[dict]] = {name: [] for name in cmds}
-    for _ in range(rounds):  # alternate so drift on the machine hits everyone alike
+    for _ in range(rounds):
         for name, cmd in cmds.items():
             runs[name].append(timed(cmd))
+    return runs
+
+
+def bench(kind: str, model: str, pairs: str, rounds: int) -> dict:
+    cmds = contenders(kind, model, pairs)
+    runs = alternate(cmds, rounds)
     n = int(json.loads(runs[next(n for n in cmds if n != "rerank")][0]["stdout"].strip().splitlines()[-1])["pairs"])
     result = {"pairs": n, "contenders": {}}
     for name, rs in runs.items():

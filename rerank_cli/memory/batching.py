@@ -3,9 +3,10 @@
 `score_window` takes one window of encoded pairs, scores them longest first (or in the order the
 scorer's `plan` gives: a causal LM's pairs grouped by shared prefix, `model/prefix.py`) in batches
 whose padded size (rows x longest row, a shared prefix counted in every row: its keys and values
-are) stays under the current `TokenBudget`, and returns the scores in the window's original order. On out-of-memory (and only that: `torch.OutOfMemoryError`, never another
-RuntimeError) it leaves the `except` block so the failed batch's tensors can die, empties the cache,
-halves the budget and re-plans from the same pair: no pair is lost, repeated or reordered. After a
+are) stays under the current `TokenBudget`, and returns the scores in the window's original order.
+On out-of-memory (and only that: `torch.OutOfMemoryError`, never another RuntimeError) it leaves
+the `except` block so the failed batch's tensors can die, empties the cache, halves the budget and
+re-plans from the same pair: no pair is lost, repeated or reordered. After a
 run of good batches the budget grows back, staying 15% under the smallest size that failed.
 Where the first budget comes from is `budget.py`'s job.
 """

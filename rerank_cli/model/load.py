@@ -1,9 +1,9 @@
 """Build a scorer from a model path or hub id: `from_pretrained` for the config, tokenizer and weights.
 
 Owns the choice of kind (from the config's architectures, or --kind), the dtype the weights load in
-(`precision.choose_dtype`), the device placement (or a device map spread over several GPUs), and the
-final-layer trim (`lean.py`), and the fp32 scoring head (`head.py`). `checks.py` refuses, on the way, a model that would score silently
-wrong. What a loaded scorer does with a batch is `scorers.py`'s job.
+(`precision.choose_dtype`), the device placement (or a device map spread over several GPUs), the
+final-layer trim (`lean.py`) and the fp32 scoring head (`head.py`). `checks.py` refuses, on the way,
+a model that would score silently wrong. What a loaded scorer does with a batch is `scorers.py`'s job.
 """
 
 from __future__ import annotations
