@@ -58,24 +58,16 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out}
 
 
-def bench_models() -> tuple[str, str]:
-    """The bench-size cross-encoder and LLM reranker (built once into bench-out)."""
-    from rerank_cli.model.tiny import build_cross_encoder, build_llm
+def prepare(pairs: int, llm_pairs: int) -> dict:
+    from rerank_cli.model.tiny import build_cross_encoder, build_llm, write_pairs
 
     OUT.mkdir(exist_ok=True)
     if not (OUT / "bench-ce" / "config.json").exists():
         build_cross_encoder(OUT / "bench-ce", "bench")
         build_llm(OUT / "bench-llm", "bench")
-    return str(OUT / "bench-ce"), str(OUT / "bench-llm")
-
-
-def prepare(pairs: int, llm_pairs: int) -> dict:
-    from rerank_cli.model.tiny import write_pairs
-
-    ce, llm = bench_models()
     return {
-        "ce": (ce, str(write_pairs(OUT / f"pairs-{pairs}.parquet", pairs, seed=5))),
-        "llm": (llm, str(write_pairs(OUT / f"pairs-{llm_pairs}.parquet", llm_pairs, seed=5))),
+        "ce": (str(OUT / "bench-ce"), str(write_pairs(OUT / f"pairs-{pairs}.parquet", pairs, seed=5))),
+        "llm": (str(OUT / "bench-llm"), str(write_pairs(OUT / f"pairs-{llm_pairs}.parquet", llm_pairs, seed=5))),
     }
 
 
