@@ -35,6 +35,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_parallel.py
 	$(BIN)/python benchmarks/bench_ray.py
 	$(BIN)/python benchmarks/bench_windows.py
+	$(BIN)/python benchmarks/bench_prefix.py
+	$(BIN)/python benchmarks/bf16_ties.py
 
 parity: install
 	$(BIN)/python benchmarks/parity.py

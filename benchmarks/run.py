@@ -122,12 +122,18 @@ def parity(kind: str) -> dict[str, float]:
     return diffs
 
 
-def bench(kind: str, model: str, pairs: str, rounds: int) -> dict:
-    cmds = contenders(kind, model, pairs)
+def alternate(cmds: dict[str, list[str]], rounds: int) -> dict[str, list[dict]]:
+    """`timed` runs of each command, alternated so drift on the machine hits everyone alike."""
     runs: dict[str, list[dict]] = {name: [] for name in cmds}
-    for _ in range(rounds):  # alternate so drift on the machine hits everyone alike
+    for _ in range(rounds):
         for name, cmd in cmds.items():
             runs[name].append(timed(cmd))
+    return runs
+
+
+def bench(kind: str, model: str, pairs: str, rounds: int) -> dict:
+    cmds = contenders(kind, model, pairs)
+    runs = alternate(cmds, rounds)
     n = int(json.loads(runs[next(n for n in cmds if n != "rerank")][0]["stdout"].strip().splitlines()[-1])["pairs"])
     result = {"pairs": n, "contenders": {}}
     for name, rs in runs.items():

@@ -78,6 +78,9 @@ def score(
                                              help="Sigmoid of the raw score (p(yes) for LLMs).",
                                              rich_help_panel=MODEL),
     dtype: str | None = typer.Option(None, help="auto|fp32|fp16|bf16 (default: auto).", rich_help_panel=MODEL),
+    share_prefix: bool | None = typer.Option(None, "--share-prefix/--no-share-prefix",
+                                                help="LLM rerankers: compute a prefix that pairs share once "
+                                                     "(default: on).", rich_help_panel=MODEL),
     trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code", help="Allow model code.",
                                                      rich_help_panel=MODEL),
     long_passages: str | None = typer.Option(None, help="truncate (default: cut at --max-length, like the "

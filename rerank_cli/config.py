@@ -44,6 +44,7 @@ class RunConfig:
     instruction: str | None = None
     max_length: int = 512
     normalize: bool = False
+    share_prefix: bool = True  # LLM rerankers: a prefix the pairs of a batch share is computed once
     long_passages: str = "truncate"
     window_stride: int | None = None  # None: half a window
     aggregate: str | None = None  # None: max

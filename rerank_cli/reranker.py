@@ -60,6 +60,7 @@ class Reranker:
         batch_size: int = 256,
         trust_remote_code: bool = False,
         device_map: dict | str | None = None,
+        share_prefix: bool = True,
         log: Callable[[str], None] | None = None,
     ):
         from rerank_cli.memory.budget import initial_budget
@@ -78,7 +79,7 @@ class Reranker:
         self.scorer = load_scorer(
             model, self.device, kind=kind, dtype=dtype, template=template, max_length=max_length,
             instruction=instruction, normalize=normalize, trust_remote_code=trust_remote_code,
-            device_map=device_map, log=self.log,
+            device_map=device_map, share_prefix=share_prefix, log=self.log,
         )
         self.max_length = max_length
         tokens, why = initial_budget(self.scorer, model, self.device, max_length, batch_tokens)
@@ -94,7 +95,7 @@ class Reranker:
             instruction=cfg.instruction, normalize=cfg.normalize, long_passages=cfg.long_passages,
             window_stride=cfg.window_stride, aggregate=cfg.aggregate, max_windows=cfg.max_windows,
             batch_tokens=cfg.batch_tokens, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code,
-            device_map=device_map, log=log,
+            device_map=device_map, share_prefix=cfg.share_prefix, log=log,
         )
 
     @property

@@ -26,7 +26,7 @@ from rerank_cli.rank.ranking import check_ranking_columns, open_ranked_output, w
 WINDOWS_COL = "windows"  # the column window mode adds: how many windows each pair was scored in
 # What every engine adds up from its scorers' stats for the summary (workers and actors send these).
 COUNTERS = ("backoffs", "fp32_reruns", "truncated", "queries_cut", "passages_cut", "capped", "split",
-            "split_windows")
+            "split_windows", "prefix_saved", "real_tokens")
 
 
 @dataclass
@@ -49,6 +49,8 @@ class Summary:
     capped: int = 0  # window mode: passages whose windows reached --max-windows
     split: int = 0  # window mode: passages scored in more than one window
     split_windows: int = 0
+    prefix_saved: int = 0  # LLM rerankers: tokens not computed because a shared prefix was, once
+    real_tokens: int = 0  # the model inputs' tokens
     max_length: int = 512
     long_passages: str = "truncate"
     max_windows: int = MAX_WINDOWS
@@ -80,6 +82,9 @@ class Summary:
             text += f"; {self.backoffs} out-of-memory back-offs"
         if self.fp32_reruns:
             text += f"; {self.fp32_reruns} batches re-run in fp32"
+        if self.prefix_saved:
+            share = self.prefix_saved / self.real_tokens if self.real_tokens else 0.0
+            text += f"; shared prefixes saved {self.prefix_saved:,} tokens ({share:.0%} of {self.real_tokens:,})"
         return text + self.truncation_text()
 
     def truncation_text(self) -> str:

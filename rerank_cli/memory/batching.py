@@ -1,10 +1,12 @@
 """Length-sorted, token-budget batches with out-of-memory back-off.
 
-`score_window` takes one window of encoded pairs, scores them longest first in batches whose padded
-size (rows x longest row) stays under the current `TokenBudget`, and returns the scores in the
-window's original order. On out-of-memory (and only that: `torch.OutOfMemoryError`, never another
-RuntimeError) it leaves the `except` block so the failed batch's tensors can die, empties the cache,
-halves the budget and re-plans from the same pair: no pair is lost, repeated or reordered. After a
+`score_window` takes one window of encoded pairs, scores them longest first (or in the order the
+scorer's `plan` gives: a causal LM's pairs grouped by shared prefix, `model/prefix.py`) in batches
+whose padded size (rows x longest row, a shared prefix counted in every row: its keys and values
+are) stays under the current `TokenBudget`, and returns the scores in the window's original order.
+On out-of-memory (and only that: `torch.OutOfMemoryError`, never another RuntimeError) it leaves
+the `except` block so the failed batch's tensors can die, empties the cache, halves the budget and
+re-plans from the same pair: no pair is lost, repeated or reordered. After a
 run of good batches the budget grows back, staying 15% under the smallest size that failed.
 Where the first budget comes from is `budget.py`'s job.
 """
@@ -38,9 +40,13 @@ class TokenBudget:
         self._said = False
 
     def take(self, lengths: Sequence[int], start: int) -> int:
-        """How many pairs from `start` (lengths sorted descending) form the next batch (at least 1)."""
-        width = lengths[start]
-        return max(1, min(self.max_rows, self.tokens // max(1, width), len(lengths) - start))
+        """How many pairs from `start` form the next batch (at least 1): rows x the longest of them fit."""
+        stop, width = min(len(lengths), start + self.max_rows), 1
+        for end in range(start, stop):
+            width = max(width, lengths[end])
+            if (end - start + 1) * width > self.tokens:
+                return max(1, end - start)
+        return stop - start
 
     def on_oom(self, padded: int) -> None:
         """A batch of `padded` tokens ran out of memory: halve below it, so the retry is smaller."""
@@ -99,7 +105,8 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
     comes from row `first_row + owners[i]` (the windows of one passage share their pair's row).
     """
     n = len(encoded)
-    order = sorted(range(n), key=lambda i: -len(encoded[i].ids))
+    planned = scorer.plan(encoded) if hasattr(scorer, "plan") else None
+    order, encoded = planned or (sorted(range(n), key=lambda i: -len(encoded[i].ids)), encoded)
     lengths = [len(encoded[i].ids) for i in order]
     scores = np.empty(n, dtype=np.float32)
     start = 0
@@ -112,7 +119,7 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
             if rows == 1:
                 row = first_row + (int(owners[idx[0]]) if owners is not None else idx[0])
                 raise PairTooLargeError(too_large_message(scorer, budget.device, row, lengths[start]))
-            budget.on_oom(rows * lengths[start])
+            budget.on_oom(rows * max(lengths[start:start + rows]))
             continue
         scores[idx] = out
         budget.on_success()

@@ -149,10 +149,11 @@ class LastPosition(nn.Module):
 class LastTokenDecoderLayer(_LayerWrapper):
     """A Llama-style decoder layer (Llama, Mistral, Qwen2, Qwen3) that outputs the last position only.
 
-    Keys and values come from every position; the query, attention output, o_proj and the MLP are
-    computed for the last position, with the layer's own modules and its rotary embedding. If a
-    call brings what this does not handle (no precomputed rotary embedding, a mask of another
-    form), the stock layer runs instead.
+    Keys and values come from every position (after a cached prefix's, when a cache is passed: the
+    layer stores its keys and values there as the stock one does); the query, attention output, o_proj
+    and the MLP are computed for the last position, with the layer's own modules and its rotary
+    embedding. If a call brings what this does not handle (no precomputed rotary embedding, a mask
+    of another form), the stock layer runs instead.
     """
 
     def forward(self, hidden_states, attention_mask=None, *args, position_embeddings=None, **kwargs):
@@ -170,6 +171,9 @@ class LastTokenDecoderLayer(_LayerWrapper):
         cos, sin = position_embeddings
         query = _rotate(query.transpose(1, 2), cos[:, -1:], sin[:, -1:])
         key = _rotate(key.transpose(1, 2), cos, sin)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:  # a shared prefix (prefix.py): its keys and values come first
+            key, value = cache.update(key, value, attn.layer_idx)
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

@@ -1,9 +1,9 @@
 """Build a scorer from a model path or hub id: `from_pretrained` for the config, tokenizer and weights.
 
 Owns the choice of kind (from the config's architectures, or --kind), the dtype the weights load in
-(`precision.choose_dtype`), the device placement (or a device map spread over several GPUs), and the
-final-layer trim (`lean.py`). `checks.py` refuses, on the way, a model that would score silently
-wrong. What a loaded scorer does with a batch is `scorers.py`'s job.
+(`precision.choose_dtype`), the device placement (or a device map spread over several GPUs), the
+final-layer trim (`lean.py`) and the fp32 scoring head (`head.py`). `checks.py` refuses, on the way,
+a model that would score silently wrong. What a loaded scorer does with a batch is `scorers.py`'s job.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def load_scorer(
     normalize: bool = False,
     trust_remote_code: bool = False,
     device_map: dict | str | None = None,
+    share_prefix: bool = True,
     log=None,
 ) -> BaseScorer:
     """Load tokenizer and weights once for `device`, at the dtype `choose_dtype` picks.
 
     A model that would score silently wrong is refused on the way (`checks.py`); `log` gets notes.
+    `share_prefix`: a causal LM computes a prefix its pairs share once per batch (`prefix.py`).
     """
     check_device(device)
     precision = choose_dtype(dtype, device)
@@ -68,8 +70,12 @@ def load_scorer(
         from rerank_cli.model.lean import prune_last_layer
 
         prune_last_layer(net, kind)
-    cls = CrossEncoderScorer if kind == CROSS else LLMScorer
-    return cls(net, tokenizer, tmpl, device, precision, normalize)
+    from rerank_cli.model.head import fp32_head
+
+    fp32_head(net, kind)
+    if kind == CROSS:
+        return CrossEncoderScorer(net, tokenizer, tmpl, device, precision, normalize)
+    return LLMScorer(net, tokenizer, tmpl, device, precision, normalize, share_prefix=share_prefix)
 
 
 def quiet_transformers() -> None:

@@ -2,9 +2,9 @@
 
 Owns collation (right padding for encoders, left for causal LMs), the fp16 overflow re-run, and the
 lean LLM head: only the last position's hidden state times the one or two lm_head rows the score
-needs, never full-vocabulary logits. `lean.py` trims the final layer to the one position the score
-reads; `load.py` builds a scorer from a model path. Batching, back-off and order live in
-`memory/batching.py`.
+needs, in fp32 (`head.py`), never full-vocabulary logits. `lean.py` trims the final layer to the one
+position the score reads; `prefix.py` runs a prefix that a causal LM's pairs share once per batch;
+`load.py` builds a scorer from a model path. Batching, back-off and order live in `memory/batching.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rerank_cli.model.templates import Encoded
 
 CROSS, LLM = "cross-encoder", "llm"
 COUNTED = ("batches", "pairs", "real_tokens", "padded_tokens", "backoffs", "fp32_reruns", "windows", "truncated",
-           "queries_cut", "passages_cut", "capped", "split", "split_windows")
+           "queries_cut", "passages_cut", "capped", "split", "split_windows", "prefix_saved")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Stats:
     capped: int = 0  # passages whose windows reached --max-windows (the rest was cut)
     split: int = 0  # passages scored in more than one window
     split_windows: int = 0  # the windows of those
+    prefix_saved: int = 0  # tokens not computed because their pair's shared prefix was (prefix.py)
     extra: dict = field(default_factory=dict)
 
     def add(self, other: Stats) -> None:
@@ -72,7 +73,8 @@ class BaseScorer:
         import torch
 
         inputs = self._collate(batch)
-        self._inject_oom(inputs["input_ids"].shape)
+        shape = _shape(inputs)
+        self._inject_oom(shape)
         with torch.inference_mode():
             scores = self._scores(self.model, inputs)
             if self.precision.name == "fp16" and not torch.isfinite(scores).all():
@@ -81,8 +83,12 @@ class BaseScorer:
                 self.stats.fp32_reruns += 1
             if self.normalize:
                 scores = torch.sigmoid(scores)
-        self._count(batch, inputs["input_ids"].shape)
+        self._count(batch, shape, getattr(inputs, "saved", 0))
         return scores.float().cpu().numpy()
+
+    def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
+        """The order to batch `encoded` in, with each item as the batches should see it (None: longest first)."""
+        return None
 
     def _inject_oom(self, shape) -> None:
         if self.fault_oom_tokens is not None and shape[0] * shape[1] > self.fault_oom_tokens:
@@ -92,8 +98,9 @@ class BaseScorer:
                 f"RERANK_FAULT_OOM_TOKENS: {shape[0] * shape[1]} padded tokens > {self.fault_oom_tokens}"
             )
 
-    def _count(self, batch: list[Encoded], shape) -> None:
+    def _count(self, batch: list[Encoded], shape, saved: int = 0) -> None:
         self.stats.batches += 1
+        self.stats.prefix_saved += saved
         self.stats.pairs += len(batch)
         self.stats.real_tokens += sum(len(e.ids) for e in batch)
         self.stats.padded_tokens += shape[0] * shape[1]
@@ -133,6 +140,11 @@ def upcast(model, dtype):
             t.data = t.data.to(original)
 
 
+def _shape(inputs) -> tuple[int, int]:
+    """Rows x padded width, as the token budget counts a batch (a shared prefix counted in every row)."""
+    return tuple(inputs.shape) if hasattr(inputs, "shape") else tuple(inputs["input_ids"].shape)
+
+
 def _pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if tid is not None:
@@ -151,27 +163,42 @@ class CrossEncoderScorer(BaseScorer):
 
 
 class LLMScorer(BaseScorer):
-    """Causal LM yes/no reranker: decoder body, then last hidden state x the needed lm_head rows."""
+    """Causal LM yes/no reranker: decoder body, then last hidden state x the needed lm_head rows.
+
+    With `share_prefix`, a prefix the pairs of a batch share is computed once (`prefix.py`)."""
 
     kind, left_pad = LLM, True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, share_prefix: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        from rerank_cli.model.head import LeanHead
+        from rerank_cli.model.prefix import sliding_window
+
+        self.head = LeanHead(self.model, self.template, fold=self.precision.name != "fp32")
+        self.share_prefix = share_prefix
+        self.window = sliding_window(self.model.config)
+
+    def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
+        from rerank_cli.model import prefix
+
+        return prefix.plan(encoded) if self.share_prefix else None
+
+    def _collate(self, batch: list[Encoded]):
+        if self.share_prefix:
+            from rerank_cli.model import prefix
+
+            shared = prefix.collate(batch, self.pad_id, self.device, self.window)
+            if shared is not None:
+                return shared
+        return super()._collate(batch)
 
     def _scores(self, model, inputs):
-        import torch
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        if not isinstance(inputs, dict):
+            from rerank_cli.model.prefix import last_hidden
 
+            return self.head(last_hidden(body, inputs))
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         hidden = body(**inputs, position_ids=positions, use_cache=False).last_hidden_state[:, -1, :]
-        head = model.get_output_embeddings()
-        rows = head.weight[self.template.head_ids]
-        logits = hidden @ rows.T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[self.template.head_ids]
-        logits = logits.float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return self.template.combine(logits)
+        return self.head(hidden)

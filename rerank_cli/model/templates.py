@@ -39,10 +39,12 @@ QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that a
 
 @dataclass(frozen=True)
 class Encoded:
-    """One pair as model input: token ids and (for BERT-style models) token type ids."""
+    """One pair as model input: token ids and (for BERT-style models) token type ids; `shared`: how many
+    leading ids it shares with the pairs of its prefix group (`prefix.plan`; 0: none)."""
 
     ids: list[int]
     type_ids: list[int] | None = None
+    shared: int = 0
 
 
 @dataclass

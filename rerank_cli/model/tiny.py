@@ -142,16 +142,19 @@ def _unigram_tokenizer(seed: int, vocab: int):
                                    model_max_length=512, model_input_names=["input_ids", "attention_mask"])
 
 
-def build_llm(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "qwen2") -> Path:
+def build_llm(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "qwen2",
+              prompt_words: bool = False) -> Path:
     """A ...ForCausalLM yes/no reranker with a byte-level BPE tokenizer trained here, saved to `path`.
 
     `arch="qwen2"` (Qwen3-Reranker's lineage, untied head) or `arch="gemma"` (bge-reranker-v2-gemma's
-    family: scaled embeddings, GELU MLP, tied head).
+    family: scaled embeddings, GELU MLP, tied head). With `prompt_words` the tokenizer also learns the
+    English of the templates' fixed text (system prompts, instructions), so a prompt costs about the
+    tokens a real model's tokenizer gives it (without, it is spelled out in bytes: 3-4x as many).
     """
     import torch
 
     layers, hidden, heads, inter, vocab = SIZES["bench-llm" if size == "bench" else size]
-    hf_tok = _byte_bpe_tokenizer(seed, vocab)
+    hf_tok = _byte_bpe_tokenizer(seed, vocab, _prompt_texts() if prompt_words else [])
     out = Path(path)
     hf_tok.save_pretrained(out)
     _loadable_by_transformers_4(out / "tokenizer_config.json")
@@ -174,7 +177,13 @@ def build_llm(path: str | Path, size: str = "tiny", seed: int = 0, arch: str = "
     return out
 
 
-def _byte_bpe_tokenizer(seed: int, vocab: int):
+def _prompt_texts() -> list[str]:
+    from rerank_cli.model.templates import BGE_PROMPT, QWEN3_INSTRUCTION, QWEN3_PREFIX, QWEN3_SUFFIX
+
+    return [QWEN3_PREFIX, QWEN3_SUFFIX, QWEN3_INSTRUCTION, BGE_PROMPT, "<Instruct>: \n<Query>: \n<Document>: "] * 50
+
+
+def _byte_bpe_tokenizer(seed: int, vocab: int, extra: list[str] = ()):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -187,7 +196,7 @@ def _byte_bpe_tokenizer(seed: int, vocab: int):
     ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(corpus(seed), trainers.BpeTrainer(
+    tok.train_from_iterator(corpus(seed) + list(extra), trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     for word in ("Yes", "yes", "no"):

@@ -137,3 +137,28 @@ def test_real_scorer_raises_the_real_oom_and_other_errors_pass(monkeypatch, ce_m
     monkeypatch.setattr(scorer, "_scores", broken)
     with pytest.raises(RuntimeError, match="not an out-of-memory"):
         score_window(scorer, batch[:1], TokenBudget(64, 256))
+
+
+def test_a_batch_out_of_length_order_is_cut_by_its_longest_row():
+    budget = TokenBudget(100, 256)
+    assert budget.take([10, 10, 30, 10], 0) == 3  # 3 x 30 fits, 4 x 30 does not
+    assert budget.take([10] * 12, 0) == 10
+    assert budget.take([200, 10], 0) == 1  # a row alone is always a batch
+
+
+def test_shared_prefix_batches_back_off_on_oom_with_every_row_once(monkeypatch, llm_model):
+    """The budget counts a shared prefix in every row: the OOM fault (rows x longest row, as the budget
+    counts) fires on shared batches too, and the back-off keeps every row and every score."""
+    from rerank_cli.model.load import load_scorer
+
+    queries = [f"question {q} about ka ri to an el" for q in range(4) for _ in range(8)]
+    passages = [" ".join(["mo su ne la"] * (1 + i % 7)) for i in range(len(queries))]
+    plain = load_scorer(llm_model, "cpu", template="qwen3", share_prefix=False)
+    expected_scores = score_window(plain, plain.encode(queries, passages), TokenBudget(100_000, 256))
+    monkeypatch.setenv("RERANK_FAULT_OOM_TOKENS", "600")
+    scorer = load_scorer(llm_model, "cpu", template="qwen3")
+    budget = TokenBudget(100_000, 256)
+    got = score_window(scorer, scorer.encode(queries, passages), budget)
+    np.testing.assert_allclose(got, expected_scores, atol=1e-4, rtol=0)
+    assert budget.backoffs >= 1 and scorer.stats.pairs == len(queries)  # each row scored once
+    assert scorer.stats.prefix_saved > 0 and scorer.stats.padded_tokens <= 600 * scorer.stats.batches
