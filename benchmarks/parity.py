@@ -15,7 +15,7 @@ import argparse
 import subprocess
 import sys
 
-from run import OUT, PEERS, peer_python
+from run import OUT, peer_python, peer_script
 
 FAMILIES = {  # name: (kind: ce or llm, arch for rerank_cli.model.tiny, tolerance)
     "bert": ("ce", "bert", 1e-5),
@@ -49,7 +49,7 @@ def ours(model: str, pairs: str, out) -> list[float]:
 def flag(kind: str, model: str, pairs: str, out) -> list[float]:
     import numpy as np
 
-    quiet([peer_python("flag"), str(PEERS / "flag_score.py"), kind, model, pairs, str(out)])
+    quiet([peer_python("flag"), peer_script("flag_score.py"), kind, model, pairs, str(out)])
     return np.load(out).tolist()
 
 

@@ -33,6 +33,15 @@ VENV_SPECS = {
 BACKENDS = ("onnx", "openvino")  # sentence-transformers' fastest CPU backends, as its docs advise CPU users
 
 
+def peer_script(name: str) -> str:
+    """One of ../shared/peers/'s scripts (or $RERANK_PEERS_DIR's, for a checkout that sits elsewhere)."""
+    script = PEERS / name
+    if not script.exists():
+        raise SystemExit(f"make bench: the peers' scripts are not in {PEERS} (the project's ../shared/peers); "
+                         "set RERANK_PEERS_DIR to the folder that holds them")
+    return str(script)
+
+
 def peer_python(name: str) -> str:
     """The peer venv's python: $PEER_<NAME>_PY, /tmp/peer-<name>, or one built in bench-out/venvs."""
     env = os.environ.get(f"PEER_{name.upper()}_PY")
@@ -78,7 +87,7 @@ def exported(backend: str, model: str, pairs: str) -> str:
     """The model exported once for a sentence-transformers backend; timed runs load it as a user's would."""
     target = OUT / f"bench-ce-{backend}"
     if not (target / "config.json").exists():
-        subprocess.run([peer_python("onnx"), str(PEERS / "st_backend_score.py"), model, pairs, "-",
+        subprocess.run([peer_python("onnx"), peer_script("st_backend_score.py"), model, pairs, "-",
                         "--backend", backend, "--export", str(target)], check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return str(target)
@@ -93,18 +102,18 @@ def contenders(kind: str, model: str, pairs: str) -> dict[str, list[str]]:
     if kind == "ce":
         return {
             "rerank": ours(model, pairs, "ce"),
-            "sentence-transformers CrossEncoder": [peer_python("st"), str(PEERS / "st_score.py"), model, pairs,
+            "sentence-transformers CrossEncoder": [peer_python("st"), peer_script("st_score.py"), model, pairs,
                                                    str(OUT / "st-ce.npy")],
-            **{f"sentence-transformers {name}": [peer_python("onnx"), str(PEERS / "st_backend_score.py"),
+            **{f"sentence-transformers {name}": [peer_python("onnx"), peer_script("st_backend_score.py"),
                                                 exported(backend, model, pairs), pairs, str(OUT / f"{backend}-ce.npy"),
                                                 "--backend", backend]
                for backend, name in zip(BACKENDS, ("ONNX", "OpenVINO"))},
-            "FlagEmbedding FlagReranker": [peer_python("flag"), str(PEERS / "flag_score.py"), "ce", model, pairs,
+            "FlagEmbedding FlagReranker": [peer_python("flag"), peer_script("flag_score.py"), "ce", model, pairs,
                                            str(OUT / "flag-ce.npy")],
         }
     return {
         "rerank": ours(model, pairs, "llm"),
-        "FlagEmbedding FlagLLMReranker": [peer_python("flag"), str(PEERS / "flag_score.py"), "llm", model,
+        "FlagEmbedding FlagLLMReranker": [peer_python("flag"), peer_script("flag_score.py"), "llm", model,
                                           pairs, str(OUT / "flag-llm.npy")],
     }
 
