@@ -16,8 +16,9 @@ bos + "A: {query}\\n". For each batch:
    continue after its own prefix, and every pad is masked. A pair alone in the batch is split so
    that its remainder is no wider than the others'. When the batch has no group of two or more,
    or sharing would not compute fewer tokens, it returns None and the plain path runs.
-3. `last_hidden` runs the prefixes once (`use_cache`), then the remainders against the prefixes'
-   keys and values (`prefix_cache.py`).
+3. `prefix_cache.PrefixStore` runs the prefixes once (`use_cache`), then the remainders against the
+   prefixes' keys and values. It keeps them for the next batch, where one query's candidates go on:
+   a prefix `kept` costs nothing there, so `collate` shares it even with a pair alone.
 
 This is the unshared computation, term for term; tests check every family `lean.py` trims, on both
 templates. Sliding-window attention counts the window in the padded row, so a model with a window
@@ -41,6 +42,7 @@ class SharedBatch:
     prefix_ids: object
     prefix_mask: object
     prefix_positions: object
+    prefixes: list[tuple[int, ...]]  # each prefix row's ids, unpadded (what `PrefixStore` keeps them by)
     rows: object  # each pair's prefix row
     ids: object
     mask: object  # [pairs, prefix width + remainder width]
@@ -85,8 +87,9 @@ def _common(a: list[int], b: list[int]) -> int:
     return i
 
 
-def batch_groups(batch: list) -> list[tuple[int, int, int]]:
-    """(start, stop, shared) for the runs of one group in `batch` (shared 0: a pair on its own)."""
+def batch_groups(batch: list, kept=frozenset()) -> list[tuple[int, int, int]]:
+    """(start, stop, shared) for the runs of one group in `batch` (shared 0: a pair on its own, unless
+    its group's prefix is `kept` from an earlier batch or its group goes on after the batch)."""
     out: list[tuple[int, int, int]] = []
     for i, e in enumerate(batch):
         start, _, shared = out[-1] if out else (0, 0, 0)
@@ -94,12 +97,16 @@ def batch_groups(batch: list) -> list[tuple[int, int, int]]:
             out[-1] = (start, i + 1, shared)
         else:
             out.append((i, i + 1, e.shared))
-    return [(a, b, s if b - a > 1 else 0) for a, b, s in out]
+    last = len(out) - 1  # a group the batch ends in goes on in the next batch, which reuses its prefix
+    return [(a, b, s if b - a > 1 or (s and (j == last or tuple(batch[a].ids[:s]) in kept)) else 0)
+            for j, (a, b, s) in enumerate(out)]
 
 
-def collate(batch: list, pad_id: int, device: str, window: int | None = None) -> SharedBatch | None:
-    """The batch split into prefixes and remainders, or None where sharing does not pay."""
-    groups = batch_groups(batch)
+def collate(batch: list, pad_id: int, device: str, window: int | None = None,
+            kept=frozenset()) -> SharedBatch | None:
+    """The batch split into prefixes and remainders, or None where sharing does not pay. A prefix in
+    `kept` (ids an earlier batch ran, `PrefixStore.kept`) costs nothing to run again."""
+    groups = batch_groups(batch, kept)
     shared = [(a, b, s) for a, b, s in groups if s]
     if not shared:
         return None
@@ -108,15 +115,19 @@ def collate(batch: list, pad_id: int, device: str, window: int | None = None) ->
     prefix_width = max(s for _, _, s in splits)
     width = max(len(batch[i].ids) - s for a, b, s in splits for i in range(a, b))
     longest = max(len(e.ids) for e in batch)
-    if len(splits) * prefix_width + len(batch) * width >= len(batch) * longest:
+    prefixes = [tuple(batch[a].ids[:s]) for a, _, s in splits]
+    start, stop, tail = groups[-1]
+    ahead = stop - start == 1 and tail and prefixes[-1] not in kept  # a group's first pair: the next batch reuses it
+    fresh = sum(1 for ids in prefixes if ids not in kept) - ahead
+    if fresh * prefix_width + len(batch) * width >= len(batch) * longest:
         return None
     if window is not None and prefix_width + width > window:
         return None
-    saved = sum((b - a - 1) * s for a, b, s in shared)
-    return _tensors(batch, splits, prefix_width, width, pad_id, device, (len(batch), longest), saved)
+    saved = sum((b - a - 1) * s for a, b, s in shared) + sum(len(ids) for ids in prefixes if ids in kept)
+    return _tensors(batch, splits, prefixes, prefix_width, width, pad_id, device, (len(batch), longest), saved)
 
 
-def _tensors(batch, splits, prefix_width, width, pad_id, device, shape, saved) -> SharedBatch:
+def _tensors(batch, splits, prefixes, prefix_width, width, pad_id, device, shape, saved) -> SharedBatch:
     import torch
 
     g, n = len(splits), len(batch)
@@ -142,8 +153,8 @@ def _tensors(batch, splits, prefix_width, width, pad_id, device, shape, saved) -
     def put(x):
         return torch.from_numpy(x).to(device)
 
-    return SharedBatch(put(prefix_ids), put(prefix_mask), put(prefix_positions), put(rows), put(ids), put(mask),
-                       put(positions), shape, saved)
+    return SharedBatch(put(prefix_ids), put(prefix_mask), put(prefix_positions), prefixes, put(rows), put(ids),
+                       put(mask), put(positions), shape, saved)
 
 
 def sliding_window(config) -> int | None:
@@ -152,10 +163,3 @@ def sliding_window(config) -> int | None:
     if window and getattr(config, "use_sliding_window", True) is not False:
         return int(window)
     return None
-
-
-def last_hidden(body, batch: SharedBatch):
-    """The last position's final hidden state of every pair: the prefixes once, then the remainders."""
-    from rerank_cli.model.prefix_cache import run_shared
-
-    return run_shared(body, batch)

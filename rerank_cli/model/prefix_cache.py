@@ -1,9 +1,12 @@
 """The cache a shared prefix is read from (`prefix.py` plans and collates; this runs the model).
 
-`run_shared` runs a batch's prefixes once with a stock `DynamicCache`, then the pairs' remainders
-against a `PrefixCache`: each layer hands every pair its group's prefix keys and values in front of
-its own and stores nothing, so the prefix serves every layer call of the batch and the per-layer
-memory is what the unshared batch uses.
+`PrefixStore.run` runs the batch's prefixes that the last batch did not (one pass, a stock
+`DynamicCache`), keeps each prefix's keys and values, then runs the pairs' remainders against a
+`PrefixCache`: each layer hands every pair its group's prefix keys and values in front of its own
+and stores nothing, so the per-layer memory is what the unshared batch uses. One query's candidates
+often span several batches (the plan keeps them together), so a group's prefix runs once, not once
+a batch. The store keeps only what the last batch used: a group the plan has moved past never comes
+back. Kept keys and values are those of one dtype (an fp16 batch rerun in fp32 runs its prefixes again).
 """
 
 from __future__ import annotations
@@ -14,15 +17,58 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
-def run_shared(body, batch):
-    """The last position's final hidden state ([pairs, hidden]) of a `prefix.SharedBatch`."""
-    name = cache_arg(body)
-    filled = DynamicCache()
-    body(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=batch.prefix_positions,
-         use_cache=True, **{name: filled})
-    out = body(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, use_cache=True,
-               **{name: PrefixCache.around(filled, batch.rows)})
-    return out.last_hidden_state[:, -1, :]
+class PrefixStore:
+    """Each prefix's per-layer keys and values ([1, heads, its length, dim]), kept from one batch to the next."""
+
+    def __init__(self):
+        self.store: dict[tuple[int, ...], list] = {}
+        self.dtype = None
+
+    @property
+    def kept(self) -> set[tuple[int, ...]]:
+        return set(self.store)
+
+    def run(self, body, batch):
+        """The last position's final hidden state ([pairs, hidden]) of a `prefix.SharedBatch`."""
+        dtype = next(body.parameters()).dtype
+        if dtype != self.dtype:
+            self.store, self.dtype = {}, dtype
+        fresh = [k for k, ids in enumerate(batch.prefixes) if ids not in self.store]
+        if fresh:
+            self._fill(body, batch, fresh)
+        layers = self._stack([self.store[ids] for ids in batch.prefixes], batch.prefix_ids.shape[1])
+        self.store = {ids: self.store[ids] for ids in batch.prefixes}
+        out = body(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, use_cache=True,
+                   **{cache_arg(body): PrefixCache.of(layers, batch.rows)})
+        return out.last_hidden_state[:, -1, :]
+
+    def _fill(self, body, batch, fresh: list[int]) -> None:
+        """Run the `fresh` prefix rows in one pass (trimmed to the widest of them) and keep each one's own."""
+        width = max(len(batch.prefixes[k]) for k in fresh)
+        pick = (lambda t: t[fresh, -width:]) if len(fresh) < len(batch.prefixes) else (lambda t: t[:, -width:])
+        filled = DynamicCache()
+        body(input_ids=pick(batch.prefix_ids), attention_mask=pick(batch.prefix_mask),
+             position_ids=pick(batch.prefix_positions), use_cache=True, **{cache_arg(body): filled})
+        for row, k in enumerate(fresh):
+            own = slice(width - len(batch.prefixes[k]), width)
+            self.store[batch.prefixes[k]] = [(layer.keys[row:row + 1, :, own], layer.values[row:row + 1, :, own])
+                                             for layer in filled.layers]
+
+    @staticmethod
+    def _stack(kept: list[list], width: int) -> list:
+        """Per layer, the batch's prefix keys and values ([groups, heads, width, dim]), left-padded
+        with zeros (every pad position is masked)."""
+        if len(kept) == 1 and kept[0][0][0].shape[-2] == width:
+            return kept[0]
+        layers = []
+        for parts in zip(*kept):
+            keys = parts[0][0].new_zeros((len(parts), *parts[0][0].shape[1:2], width, parts[0][0].shape[-1]))
+            values = parts[0][1].new_zeros((len(parts), *parts[0][1].shape[1:2], width, parts[0][1].shape[-1]))
+            for g, (k, v) in enumerate(parts):
+                keys[g, :, width - k.shape[-2]:] = k[0]
+                values[g, :, width - v.shape[-2]:] = v[0]
+            layers.append((keys, values))
+        return layers
 
 
 def cache_arg(body) -> str:
@@ -51,8 +97,8 @@ class PrefixCache(DynamicCache):
     """A `DynamicCache` whose layers are `PrefixLayer`s: read-only, one prefix row per group."""
 
     @classmethod
-    def around(cls, filled: DynamicCache, rows) -> PrefixCache:
+    def of(cls, layers: list, rows) -> PrefixCache:
         cache = cls()
-        cache.layers = [PrefixLayer(layer.keys, layer.values, rows) for layer in filled.layers]
+        cache.layers = [PrefixLayer(keys, values, rows) for keys, values in layers]
         cache.layer_class_to_replicate = None
         return cache

@@ -177,6 +177,7 @@ class LLMScorer(BaseScorer):
         self.head = LeanHead(self.model, self.template, fold=self.precision.name != "fp32")
         self.share_prefix = share_prefix
         self.window = sliding_window(self.model.config)
+        self.prefixes = None  # a PrefixStore, on the first shared batch (its module imports torch)
 
     def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
         from rerank_cli.model import prefix
@@ -187,7 +188,8 @@ class LLMScorer(BaseScorer):
         if self.share_prefix:
             from rerank_cli.model import prefix
 
-            shared = prefix.collate(batch, self.pad_id, self.device, self.window)
+            kept = self.prefixes.kept if self.prefixes is not None else frozenset()
+            shared = prefix.collate(batch, self.pad_id, self.device, self.window, kept)
             if shared is not None:
                 return shared
         return super()._collate(batch)
@@ -195,9 +197,11 @@ class LLMScorer(BaseScorer):
     def _scores(self, model, inputs):
         body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         if not isinstance(inputs, dict):
-            from rerank_cli.model.prefix import last_hidden
+            from rerank_cli.model.prefix_cache import PrefixStore
 
-            return self.head(last_hidden(body, inputs))
+            if self.prefixes is None:
+                self.prefixes = PrefixStore()
+            return self.head(self.prefixes.run(body, inputs))
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = body(**inputs, position_ids=positions, use_cache=False).last_hidden_state[:, -1, :]

@@ -139,3 +139,35 @@ def test_collate_falls_back_where_sharing_does_not_pay():
     few = [Encoded(tail + list(range(40 + k, 80)), shared=9) for k in range(2)]
     assert prefix.collate(few, 0, "cpu") is not None
     assert prefix.collate(few, 0, "cpu", window=30) is None  # wider than the attention window
+
+
+@pytest.mark.parametrize("template", ["bge", "qwen3"])
+def test_a_group_cut_across_batches_runs_its_prefix_once(template, tokenizer):
+    plain = _scores(_scorer("qwen2", tokenizer, template, share=False), 100_000)
+    scorer = _scorer("qwen2", tokenizer, template, share=True)
+    encoded = scorer.encode(*_pairs())
+    _, tagged = prefix.plan(encoded)
+    groups = {tuple(e.ids[:e.shared]) for e in tagged if e.shared}
+    once = sum((sum(1 for e in tagged if e.shared and tuple(e.ids[:e.shared]) == ids) - 1) * len(ids) for ids in groups)
+    longest = max(len(e.ids) for e in encoded)
+    got = score_window(scorer, encoded, TokenBudget(2 * longest + longest // 2, 256))  # two pairs a batch
+    np.testing.assert_allclose(got, plain, atol=1e-4, rtol=0)
+    assert scorer.stats.batches >= len(encoded) // 2
+    assert scorer.stats.prefix_saved == once  # every group's prefix ran in one batch only
+
+
+def test_kept_prefixes_are_of_the_dtype_the_model_runs_in(tokenizer):
+    from rerank_cli.model.prefix_cache import PrefixStore
+    from rerank_cli.model.scorers import upcast
+
+    scorer = _scorer("llama", tokenizer, "qwen3", share=True)
+    batch = prefix.collate(prefix.plan(scorer.encode(*_pairs()))[1][:6], scorer.pad_id, "cpu")
+    body = scorer.model.get_decoder()
+    with torch.inference_mode():
+        store = PrefixStore()
+        store.run(body, batch)  # keeps fp32 keys and values
+        with upcast(scorer.model, torch.float64):  # as an fp16 batch is rerun in fp32
+            again = store.run(body, batch)
+            fresh = PrefixStore().run(body, batch)
+    assert again.dtype == torch.float64
+    torch.testing.assert_close(again, fresh, atol=0, rtol=0)
