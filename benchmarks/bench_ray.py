@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import socket
 import statistics
 import subprocess
@@ -102,14 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     model, data = prepare(a.work, a.size, a.pairs)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     common = [str(data), "-m", str(model), "--dtype", "fp32", "--sort-window", str(a.window)]
     cpus = os.cpu_count() or 2
-    head = Head(cpus, env)
+    # The head runs with a token of its own and ray-running joins with it, as a user joins a cluster:
+    # nothing in ~/.ray is read or written (a fresh HOME has no token there).
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = Head(cpus, {**env, **auth})
     setups = {
         "local": (common, env),
         "ray-new": ([*common, "--engine", "ray"], env),
-        "ray-running": ([*common, "--engine", "ray"], {**env, "RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token"}),
+        "ray-running": ([*common, "--engine", "ray"], {**env, "RAY_ADDRESS": head.address, **auth}),
     }
     results: dict[str, list[dict]] = {name: [] for name in setups}
     try:
@@ -135,10 +140,12 @@ def report(results: dict[str, list[dict]], a, cpus: int) -> None:
     for name, runs in results.items():
         wall = statistics.median(r["wall"] for r in runs)
         first = statistics.median(r["first_row"] for r in runs)
-        steady = statistics.median((a.pairs - a.window) / max(1e-9, r["wall"] - r["first_row"]) for r in runs)
+        after = a.pairs - a.window  # rows after the first window: none when one window holds them all
+        steady = f"{statistics.median(after / max(1e-9, r['wall'] - r['first_row']) for r in runs):.1f}" \
+            if after > 0 else "-"
         ups = [r["ray_up"] for r in runs if r["ray_up"] is not None]
         up = f"{statistics.median(ups):.2f}" if ups else "-"
-        print(f"| {name:12} | {wall:6.2f} | {a.pairs / wall:7.1f} | {first:11.2f} | {steady:23.1f} | {up:>19} |")
+        print(f"| {name:12} | {wall:6.2f} | {a.pairs / wall:7.1f} | {first:11.2f} | {steady:>23} | {up:>19} |")
 
 
 if __name__ == "__main__":
