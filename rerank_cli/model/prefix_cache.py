@@ -45,10 +45,10 @@ class PrefixStore:
     def _fill(self, body, batch, fresh: list[int]) -> None:
         """Run the `fresh` prefix rows in one pass (trimmed to the widest of them) and keep each one's own."""
         width = max(len(batch.prefixes[k]) for k in fresh)
-        pick = (lambda t: t[fresh, -width:]) if len(fresh) < len(batch.prefixes) else (lambda t: t[:, -width:])
+        rows = fresh if len(fresh) < len(batch.prefixes) else slice(None)
         filled = DynamicCache()
-        body(input_ids=pick(batch.prefix_ids), attention_mask=pick(batch.prefix_mask),
-             position_ids=pick(batch.prefix_positions), use_cache=True, **{cache_arg(body): filled})
+        body(input_ids=batch.prefix_ids[rows, -width:], attention_mask=batch.prefix_mask[rows, -width:],
+             position_ids=batch.prefix_positions[rows, -width:], use_cache=True, **{cache_arg(body): filled})
         for row, k in enumerate(fresh):
             own = slice(width - len(batch.prefixes[k]), width)
             self.store[batch.prefixes[k]] = [(layer.keys[row:row + 1, :, own], layer.values[row:row + 1, :, own])
@@ -56,19 +56,20 @@ class PrefixStore:
 
     @staticmethod
     def _stack(kept: list[list], width: int) -> list:
-        """Per layer, the batch's prefix keys and values ([groups, heads, width, dim]), left-padded
-        with zeros (every pad position is masked)."""
+        """Per layer, the batch's prefix keys and values ([groups, heads, width, dim])."""
         if len(kept) == 1 and kept[0][0][0].shape[-2] == width:
             return kept[0]
-        layers = []
-        for parts in zip(*kept):
-            keys = parts[0][0].new_zeros((len(parts), *parts[0][0].shape[1:2], width, parts[0][0].shape[-1]))
-            values = parts[0][1].new_zeros((len(parts), *parts[0][1].shape[1:2], width, parts[0][1].shape[-1]))
-            for g, (k, v) in enumerate(parts):
-                keys[g, :, width - k.shape[-2]:] = k[0]
-                values[g, :, width - v.shape[-2]:] = v[0]
-            layers.append((keys, values))
-        return layers
+        return [(_left_padded([k for k, _ in parts], width), _left_padded([v for _, v in parts], width))
+                for parts in zip(*kept)]
+
+
+def _left_padded(parts: list, width: int):
+    """[1, heads, n, dim] tensors stacked as [len(parts), heads, width, dim], zeros in front (every
+    pad position is masked)."""
+    out = parts[0].new_zeros((len(parts), parts[0].shape[1], width, parts[0].shape[-1]))
+    for g, t in enumerate(parts):
+        out[g, :, width - t.shape[-2]:] = t[0]
+    return out
 
 
 def cache_arg(body) -> str:
