@@ -25,8 +25,9 @@ class PrefixStore:
         self.dtype = None
 
     @property
-    def kept(self) -> set[tuple[int, ...]]:
-        return set(self.store)
+    def kept(self):
+        """The prefixes (token-id tuples) the last batch ran, as `prefix.collate` asks for them."""
+        return self.store.keys()
 
     def run(self, body, batch):
         """The last position's final hidden state ([pairs, hidden]) of a `prefix.SharedBatch`."""

@@ -173,11 +173,12 @@ class LLMScorer(BaseScorer):
         super().__init__(*args, **kwargs)
         from rerank_cli.model.head import LeanHead
         from rerank_cli.model.prefix import sliding_window
+        from rerank_cli.model.prefix_cache import PrefixStore
 
         self.head = LeanHead(self.model, self.template, fold=self.precision.name != "fp32")
         self.share_prefix = share_prefix
         self.window = sliding_window(self.model.config)
-        self.prefixes = None  # a PrefixStore, on the first shared batch (its module imports torch)
+        self.prefixes = PrefixStore() if share_prefix else None
 
     def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
         from rerank_cli.model import prefix
@@ -188,8 +189,7 @@ class LLMScorer(BaseScorer):
         if self.share_prefix:
             from rerank_cli.model import prefix
 
-            kept = self.prefixes.kept if self.prefixes is not None else frozenset()
-            shared = prefix.collate(batch, self.pad_id, self.device, self.window, kept)
+            shared = prefix.collate(batch, self.pad_id, self.device, self.window, self.prefixes.kept)
             if shared is not None:
                 return shared
         return super()._collate(batch)
@@ -197,10 +197,6 @@ class LLMScorer(BaseScorer):
     def _scores(self, model, inputs):
         body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         if not isinstance(inputs, dict):
-            from rerank_cli.model.prefix_cache import PrefixStore
-
-            if self.prefixes is None:
-                self.prefixes = PrefixStore()
             return self.head(self.prefixes.run(body, inputs))
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
