@@ -105,7 +105,7 @@ def score_window(scorer, encoded: Sequence, budget: TokenBudget,
     comes from row `first_row + owners[i]` (the windows of one passage share their pair's row).
     """
     n = len(encoded)
-    planned = scorer.plan(encoded) if hasattr(scorer, "plan") else None
+    planned = scorer.plan(encoded, budget.tokens) if hasattr(scorer, "plan") else None
     order, encoded = planned or (sorted(range(n), key=lambda i: -len(encoded[i].ids)), encoded)
     lengths = [len(encoded[i].ids) for i in order]
     scores = np.empty(n, dtype=np.float32)

@@ -1,59 +1,84 @@
 """The cache a shared prefix is read from (`prefix.py` plans and collates; this runs the model).
 
-`PrefixStore.run` runs the batch's prefixes that the last batch did not (one pass, a stock
-`DynamicCache`), keeps each prefix's keys and values, then runs the pairs' remainders against a
-`PrefixCache`: each layer hands every pair its group's prefix keys and values in front of its own
-and stores nothing, so the per-layer memory is what the unshared batch uses. One query's candidates
-often span several batches (the plan keeps them together), so a group's prefix runs once, not once
-a batch. The store keeps only what the last batch used: a group the plan has moved past never comes
-back. Kept keys and values are those of one dtype (an fp16 batch rerun in fp32 runs its prefixes again).
+`PrefixStore.run` runs the batch's prefixes that it does not hold (one pass, a stock `DynamicCache`),
+keeps each group prefix's keys and values, then runs the pairs' remainders against a `PrefixCache`:
+each layer hands every pair its group's prefix keys and values in front of its own and stores
+nothing, so the per-layer memory is what the unshared batch uses. A run of groups (`prefix.plan`)
+spans several batches, each holding pairs of many of its groups, so the store keeps a run's
+prefixes until the run is over: at most `limit` tokens (half a batch's), the least recently used
+going first. Kept keys and values are those of one dtype (an fp16 batch rerun in fp32 runs its
+prefixes again).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 class PrefixStore:
-    """Each prefix's per-layer keys and values ([1, heads, its length, dim]), kept from one batch to the next."""
+    """Each group prefix's per-layer keys and values ([1, heads, its length, dim]), kept from batch to batch.
 
-    def __init__(self):
-        self.store: dict[tuple[int, ...], list] = {}
+    At most `limit` prefix tokens are kept (None: no limit), the least recently used going first,
+    but never one the last batch used: `prefix.plan` cuts its runs of groups to the same limit, so
+    a group's prefix stays kept until its last pair has run."""
+
+    def __init__(self, limit: int | None = None):
+        self.store: OrderedDict[tuple[int, ...], list] = OrderedDict()
         self.dtype = None
+        self.limit = limit
 
     @property
     def kept(self):
-        """The prefixes (token-id tuples) the last batch ran, as `prefix.collate` asks for them."""
+        """The prefixes (token-id tuples) kept, as `prefix.collate` asks for them."""
         return self.store.keys()
 
     def run(self, body, batch):
         """The last position's final hidden state ([pairs, hidden]) of a `prefix.SharedBatch`."""
         dtype = next(body.parameters()).dtype
         if dtype != self.dtype:
-            self.store, self.dtype = {}, dtype
+            self.store, self.dtype = OrderedDict(), dtype
         fresh = [k for k, ids in enumerate(batch.prefixes) if ids not in self.store]
-        if fresh:
-            self._fill(body, batch, fresh)
-        layers = self._stack([self.store[ids] for ids in batch.prefixes], batch.prefix_ids.shape[1])
-        self.store = {ids: self.store[ids] for ids in batch.prefixes}
+        ran = self._fill(body, batch, fresh) if fresh else {}
+        parts = [self.store[ids] if ids in self.store else ran[ids] for ids in batch.prefixes]
+        self._keep(batch, ran)
+        layers = self._stack(parts, batch.prefix_ids.shape[1])
         out = body(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, use_cache=True,
                    **{cache_arg(body): PrefixCache.of(layers, batch.rows)})
         return out.last_hidden_state[:, -1, :]
 
-    def _fill(self, body, batch, fresh: list[int]) -> None:
-        """Run the `fresh` prefix rows in one pass (trimmed to the widest of them) and keep each one's own."""
+    def _fill(self, body, batch, fresh: list[int]) -> dict:
+        """Run the `fresh` prefix rows in one pass (trimmed to the widest of them): each one's own."""
         width = max(len(batch.prefixes[k]) for k in fresh)
         rows = fresh if len(fresh) < len(batch.prefixes) else slice(None)
         filled = DynamicCache()
         body(input_ids=batch.prefix_ids[rows, -width:], attention_mask=batch.prefix_mask[rows, -width:],
              position_ids=batch.prefix_positions[rows, -width:], use_cache=True, **{cache_arg(body): filled})
+        ran = {}
         for row, k in enumerate(fresh):
             own = slice(width - len(batch.prefixes[k]), width)
-            self.store[batch.prefixes[k]] = [(layer.keys[row:row + 1, :, own], layer.values[row:row + 1, :, own])
-                                             for layer in filled.layers]
+            ran[batch.prefixes[k]] = [(layer.keys[row:row + 1, :, own], layer.values[row:row + 1, :, own])
+                                      for layer in filled.layers]
+        return ran
+
+    def _keep(self, batch, ran: dict) -> None:
+        """Keep the batch's group prefixes (most recent last); drop the oldest others past `limit`."""
+        used = {ids for ids, keep in zip(batch.prefixes, batch.keep) if keep}
+        for ids in batch.prefixes:
+            if ids in used:
+                if ids in ran:
+                    self.store[ids] = ran[ids]
+                self.store.move_to_end(ids)
+        held = sum(len(ids) for ids in self.store)
+        while self.limit is not None and held > self.limit:
+            oldest = next(iter(self.store))
+            if oldest in used:
+                break
+            del self.store[oldest]
+            held -= len(oldest)
 
     @staticmethod
     def _stack(kept: list[list], width: int) -> list:

@@ -86,8 +86,9 @@ class BaseScorer:
         self._count(batch, shape, getattr(inputs, "saved", 0))
         return scores.float().cpu().numpy()
 
-    def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
-        """The order to batch `encoded` in, with each item as the batches should see it (None: longest first)."""
+    def plan(self, encoded: list[Encoded], tokens: int | None = None) -> tuple[list[int], list[Encoded]] | None:
+        """The order to batch `encoded` in (batches of about `tokens` padded tokens), with each item as the
+        batches should see it (None: longest first)."""
         return None
 
     def _inject_oom(self, shape) -> None:
@@ -180,10 +181,15 @@ class LLMScorer(BaseScorer):
         self.window = sliding_window(self.model.config)
         self.prefixes = PrefixStore() if share_prefix else None
 
-    def plan(self, encoded: list[Encoded]) -> tuple[list[int], list[Encoded]] | None:
+    def plan(self, encoded: list[Encoded], tokens: int | None = None) -> tuple[list[int], list[Encoded]] | None:
+        """Pairs grouped by shared prefix (`prefix.plan`); the kept prefixes hold at most half a batch's tokens,
+        so their keys and values take at most half of what one batch's take."""
         from rerank_cli.model import prefix
 
-        return prefix.plan(encoded) if self.share_prefix else None
+        if not self.share_prefix:
+            return None
+        self.prefixes.limit = tokens // 2 if tokens else None
+        return prefix.plan(encoded, self.prefixes.limit)
 
     def _collate(self, batch: list[Encoded]):
         if self.share_prefix:

@@ -99,15 +99,44 @@ def _enc(*rows):
     return [Encoded(list(r)) for r in rows]
 
 
-def test_plan_groups_shared_prefixes_and_leaves_the_rest_alone():
+def test_plan_groups_shared_prefixes_and_orders_a_run_of_groups_by_what_is_left():
     a = list(range(100, 112))  # a 12-token prefix
     b = list(range(200, 210))  # another, 10 tokens
     encoded = _enc(a + [1, 2], b + [5], a + [3], [9] * 20, b + [6, 7, 8], a + [1, 2, 3, 4], [100, 101, 7, 7])
     order, tagged = prefix.plan(encoded)
     assert sorted(order) == list(range(len(encoded)))
-    assert [tagged[i].shared for i in order] == [0, 12, 12, 12, 10, 10, 0]  # longest group first
-    assert [i for i in order if tagged[i].shared == 12] == [5, 0, 2]  # a group's pairs longest first
+    assert [e.shared for e in tagged] == [12, 10, 12, 0, 10, 12, 0]
+    assert order == [3, 5, 6, 4, 0, 2, 1]  # one run: by remainder (20, 4, 4, 3, 2, 1, 1), longest first
     assert [e.ids for e in tagged] == [e.ids for e in encoded]
+
+
+def test_plan_cuts_runs_of_groups_to_the_prefix_tokens_kept():
+    a, b = list(range(100, 112)), list(range(200, 210))
+    encoded = _enc(a + [1, 2], b + [5], a + [3], [9] * 20, b + [6, 7, 8], a + [1, 2, 3, 4], [100, 101, 7, 7])
+    order, _ = prefix.plan(encoded, kept_tokens=12)  # a's 12 tokens fill a run: b starts the next
+    assert order == [3, 5, 0, 2, 6, 4, 1]  # longest group first, each run by remainder
+    assert prefix.plan(encoded, kept_tokens=1)[0] == order  # a run holds one group at least
+    assert prefix.plan(encoded, kept_tokens=22)[0] == [3, 5, 6, 4, 0, 2, 1]  # both in one run
+
+
+def test_the_store_keeps_the_most_recent_prefixes_within_its_limit():
+    from types import SimpleNamespace
+
+    from rerank_cli.model.prefix_cache import PrefixStore
+
+    store = PrefixStore(limit=10)
+
+    def batch(*prefixes, keep=None):
+        store._keep(SimpleNamespace(prefixes=list(prefixes), keep=keep or [True] * len(prefixes)),
+                    {ids: [] for ids in prefixes if ids not in store.kept})
+
+    batch((1,) * 4, (2,) * 4)
+    batch((3,) * 4)  # 12 tokens: the oldest goes
+    assert list(store.kept) == [(2,) * 4, (3,) * 4]
+    batch((4,) * 12)  # wider than the limit alone: kept while it is used
+    assert list(store.kept) == [(4,) * 12]
+    batch((5,) * 3, (6,) * 3, keep=[True, False])  # a lone pair's split is never kept
+    assert list(store.kept) == [(5,) * 3]
 
 
 def test_a_group_stops_where_narrowing_its_prefix_costs_more_than_a_new_group():
@@ -132,7 +161,17 @@ def test_collate_puts_each_pair_after_its_own_prefix():
     assert shared.ids[4].tolist() == [315, 316, 317] and shared.positions[4].tolist() == [15, 16, 17]
 
 
-def test_collate_falls_back_where_sharing_does_not_pay():
+def test_collate_gathers_a_group_wherever_its_pairs_stand_in_the_batch():
+    p1, p2 = list(range(100, 110)), list(range(200, 212))
+    batch = [Encoded(p1 + [1, 2], shared=10), Encoded(p2 + [5, 6], shared=12), Encoded(p1 + [3], shared=10)]
+    shared = prefix.collate(batch, pad_id=0, device="cpu")
+    assert shared.rows.tolist() == [0, 1, 0] and shared.prefixes == [tuple(p1), tuple(p2)]
+    assert shared.keep == [True, True] and shared.saved == 10  # p2's pair alone runs its prefix for the others
+    assert prefix.collate(batch, 0, "cpu", kept={tuple(p2)}).saved == 10 + 12  # kept: nothing of it runs
+    assert shared.ids[2].tolist() == [0, 3] and shared.positions[2, -1].item() == 10
+
+
+def test_collate_falls_back_where_no_pair_shares_or_the_window_is_too_narrow():
     lone = [Encoded(list(range(20))), Encoded(list(range(30, 50)))]
     assert prefix.collate(lone, 0, "cpu") is None  # no group of two
     tail = list(range(100, 109))
