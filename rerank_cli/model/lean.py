@@ -180,8 +180,11 @@ class LastTokenDecoderLayer(_LayerWrapper):
         mask = _query_row_mask(attention_mask, -1, query.dtype)
         context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                    scale=attn.scaling)
-        hidden = hidden_states[:, -1:] + attn.o_proj(context.transpose(1, 2).reshape(batch, 1, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        # The last position's two residual adds and the norm between them run in fp32 (one row a pair;
+        # no-ops in an fp32 model): in bf16 each would round the state the score is read from.
+        hidden = hidden_states[:, -1:].float() + attn.o_proj(context.transpose(1, 2).reshape(batch, 1, -1)).float()
+        normed = layer.post_attention_layernorm(hidden).to(hidden_states.dtype)
+        return hidden + layer.mlp(normed).float()
 
 
 def _rotate(x, cos, sin):

@@ -37,7 +37,7 @@ def _bf16_head(reranker: Reranker) -> None:
     scorer.model.to(torch.bfloat16)
     if hasattr(scorer, "head"):
         rows = scorer.model.get_output_embeddings().weight[scorer.template.head_ids]
-        scorer.head = lambda hidden: scorer.template.combine((hidden @ rows.T).float())
+        scorer.head = lambda hidden: scorer.template.combine((hidden.to(rows.dtype) @ rows.T).float())
 
 
 @pytest.mark.parametrize("which", ["ce", "llm-bge", "llm-qwen3"])
